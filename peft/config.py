@@ -1,0 +1,175 @@
+"""PeftConfig: every setting of every fine-tuning method, in one flat dataclass.
+
+| field          | meaning                                                     | used by                         |
+|----------------|-------------------------------------------------------------|---------------------------------|
+| method         | "full" or a name in peft.METHODS                            | all                             |
+| r              | rank of the update B·A                                      | lora, dora, olora, pissa        |
+| alpha          | scale numerator: s = alpha / r (alpha / √r with use_rslora) | lora, dora, olora, pissa        |
+| dropout        | LoRA family: dropout on the adapter's input only (the base  | lora, dora, olora, pissa,       |
+|                | sees the clean x); ETHER: on the layer's input; OFT: random | ether family, oft; not ia3      |
+|                | blocks of R reset to I (BOFT's multiplicative dropout)      |                                 |
+| targets        | which Linears to adapt (names below); None = the method's   | every method but full           |
+|                | paper default                                               |                                 |
+| use_rslora     | rank-stabilized scale s = alpha / √r (rsLoRA)               | lora, dora, olora, pissa        |
+| init           | A's init: "kaiming" (uniform, a=√5) or "gaussian" (std 1/r) | lora, dora                      |
+| oft_block_size | size b of each orthogonal block R_i (in / b blocks)         | oft                             |
+| coft_eps       | COFT radius; 0 = COFT off                                   | oft                             |
+| block_share    | one R_i shared by all blocks of a layer                     | oft                             |
+| ether_nb       | number of diagonal blocks of H                              | ether, etherplus, etherplusHH   |
+| flip_side      | put a one-sided H on the smaller side of a non-square W     | ether, etherplus                |
+| quantize       | None or "nf4": frozen block Linears in 4-bit NF4 (QLoRA)    | methods whose layer class has   |
+|                |                                                             | supports_quantize: lora, dora,  |
+|                |                                                             | oft, ia3                        |
+| base_dtype     | None (= float32) or "bfloat16" / "float16": dtype of the    | every method but full           |
+|                | frozen block Linears; adapters stay float32                 |                                 |
+
+Both inits are HF peft's; B starts at 0 either way. olora and pissa ignore `init`: their A, B
+come from a QR / SVD of the weight. rsLoRA is method "lora" with use_rslora=True.
+
+Target names (a target matches every module whose name equals it or ends with "." + it):
+    "c_attn"       fused q|k|v projection            "attn.c_proj"  attention output projection
+    "mlp.c_fc"     MLP up-projection                 "mlp.c_proj"   MLP down-projection
+    "lm_head"      output head (tied to wte)
+    "q", "k", "v"  one slice of c_attn (rows 0:C, C:2C, 2C:3C); adapters touch only those rows
+Presets (growing sets of whole projections, e.g. for ablations):
+    lora1 = c_attn;  lora2 = lora1 + attn.c_proj;  lora3 = lora2 + mlp.c_fc, mlp.c_proj;
+    lora4 = lora3 + lm_head
+
+Default targets (targets=None), from each method's paper:
+    lora, dora, olora, pissa: q, v          LoRA (Hu et al. 2021) §7.1 adapts W_q and W_v
+    ia3:   k, v, mlp.c_proj                 IA3 (Liu et al. 2022) rescales keys, values and the
+                                            FFN's inner activation (= the input of mlp.c_proj)
+    oft:   c_attn, attn.c_proj              OFT (Qiu et al. 2023) fine-tunes the attention
+                                            projections q, k, v and out; q, k, v share their input,
+                                            so here one R rotates it for the fused c_attn
+    ether, etherplus, etherplusHH: q, v     the ETHER reference code adapts the q and v projections
+"""
+
+import dataclasses
+import difflib
+import importlib.util
+from dataclasses import dataclass
+
+from errors import UserError
+
+PRESETS = {
+    "lora1": ("c_attn",),
+    "lora2": ("c_attn", "attn.c_proj"),
+    "lora3": ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    "lora4": ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"),
+}
+DEFAULT_TARGETS = {
+    "lora": ("q", "v"),
+    "dora": ("q", "v"),
+    "olora": ("q", "v"),
+    "pissa": ("q", "v"),
+    "ia3": ("k", "v", "mlp.c_proj"),
+    "oft": ("c_attn", "attn.c_proj"),
+    "ether": ("q", "v"),
+    "etherplus": ("q", "v"),
+    "etherplusHH": ("q", "v"),
+}
+INITS = ("kaiming", "gaussian")
+QUANTIZE = (None, "nf4")
+BASE_DTYPES = (None, "float32", "bfloat16", "float16")
+
+
+@dataclass
+class PeftConfig:
+    method: str = "full"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | None = None
+    use_rslora: bool = False
+    init: str = "kaiming"
+    oft_block_size: int = 32
+    coft_eps: float = 0.0
+    block_share: bool = False
+    ether_nb: int = 32
+    flip_side: bool = False
+    quantize: str | None = None
+    base_dtype: str | None = None
+
+    def __post_init__(self):
+        # accept "q,v" or ["q", "v"] (command lines, JSON) and store a tuple, so configs compare equal
+        if isinstance(self.targets, str):
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        elif self.targets is not None:
+            self.targets = tuple(self.targets)
+        if self.targets == ():
+            self.targets = None
+        self.validate()
+
+    def validate(self):
+        """Raise UserError (one line) for any setting that cannot work."""
+        from peft import METHODS  # here, not at import time: peft/__init__.py imports this file
+        if self.method not in METHODS:
+            hint = ""
+            if self.method.lower() == "rslora":
+                hint = " (rsLoRA is method='lora' with use_rslora=True)"
+            else:
+                close = difflib.get_close_matches(self.method, list(METHODS), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"unknown method '{self.method}'{hint}; choose one of {', '.join(METHODS)}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise UserError(f"r={self.r!r}: the rank must be an integer >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout={self.dropout}: must be in [0, 1)")
+        if self.init not in INITS:
+            raise UserError(f"init='{self.init}': choose one of {', '.join(INITS)}")
+        if self.oft_block_size < 1:
+            raise UserError(f"oft_block_size={self.oft_block_size}: must be >= 1")
+        if self.ether_nb < 1:
+            raise UserError(f"ether_nb={self.ether_nb}: must be >= 1")
+        if self.coft_eps < 0:
+            raise UserError(f"coft_eps={self.coft_eps}: must be >= 0 (0 turns COFT off)")
+        if self.targets is not None and not all(isinstance(t, str) and t for t in self.targets):
+            raise UserError(f"targets={self.targets!r}: expected names such as q, v, c_attn, mlp.c_fc or lora1..lora4")
+        if self.quantize not in QUANTIZE:
+            raise UserError(f"quantize='{self.quantize}': the only quantization is 'nf4' (or None for none)")
+        if self.base_dtype not in BASE_DTYPES:
+            raise UserError(f"base_dtype='{self.base_dtype}': choose one of {', '.join(map(str, BASE_DTYPES[1:]))}")
+        if self.method == "full":
+            for field in ("targets", "quantize", "base_dtype"):
+                if getattr(self, field) is not None:
+                    raise UserError(f"method 'full' trains every weight, so {field} does not apply; "
+                                    f"drop {field} or choose an adapter method (e.g. lora)")
+            return
+        if self.quantize is not None:
+            if not METHODS[self.method].supports_quantize:
+                raise UserError(f"method '{self.method}' does not support quantize='{self.quantize}'; "
+                                f"use lora or dora (QLoRA / QDoRA), or drop quantize")
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise UserError(f"quantize='{self.quantize}' needs bitsandbytes: pip install bitsandbytes")
+
+    def resolved_targets(self):
+        """The target names this config adapts: the default if targets is None, presets expanded."""
+        names = self.targets if self.targets is not None else DEFAULT_TARGETS.get(self.method, ())
+        out = []
+        for name in names:
+            for t in PRESETS.get(name, (name,)):
+                if t not in out:
+                    out.append(t)
+        return tuple(out)
+
+    def scale(self):
+        """s of the LoRA family: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+        return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+
+    def asdict(self):
+        d = dataclasses.asdict(self)
+        if d["targets"] is not None:
+            d["targets"] = list(d["targets"])  # JSON has no tuples
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        """Inverse of asdict (e.g. read back from a checkpoint's JSON). Unknown keys are an error."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise UserError(f"unknown PeftConfig key '{key}'{hint}; known keys: {', '.join(fields)}")
+        return cls(**d)

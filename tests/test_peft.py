@@ -1,0 +1,271 @@
+"""Properties every fine-tuning method in peft.METHODS must have, on a tiny GPT:
+merge == forward, gradients only on adapters, adapter save/load round trip, parameter counts,
+and clear errors for bad settings."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import peft  # noqa: E402
+from errors import UserError  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from peft import quant  # noqa: E402
+
+ADAPTER_METHODS = [m for m in peft.METHODS if m != "full"]
+QUANTIZABLE = [m for m in ADAPTER_METHODS if peft.METHODS[m].supports_quantize]
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+VOCAB, BLOCK = 97, 32
+
+
+def tiny_gpt(seed=0, n_embd=32):
+    """A random tiny GPT with non-zero biases and LayerNorms (so layout mistakes show)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=n_embd))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def config(method, **kw):
+    kw = dict(dict(r=4, oft_block_size=8, ether_nb=4), **kw)
+    return peft.PeftConfig(method=method, **kw)
+
+
+@torch.no_grad()
+def randomize(model, seed=1, std=0.1):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(std * torch.randn(p.shape, generator=g).to(p))
+
+
+def batch(seed=2, B=2, T=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (B, T), generator=g), torch.randint(0, VOCAB, (B, T), generator=g)
+
+
+def logits(model, idx, targets):
+    model.eval()
+    with torch.no_grad():
+        return model(idx, targets)[0]
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_merge_equals_forward(method):
+    model = peft.inject(tiny_gpt(), config(method))
+    randomize(model)
+    idx, tgt = batch()
+    before = logits(model, idx, tgt)
+    peft.merge(model)
+    after = logits(model, idx, tgt)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    # a plain GPT again: only torch Linears, fp32, no adapter left
+    assert not peft.adapter_layers(model)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            assert type(m) is nn.Linear and m.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_gradients_only_on_adapters(method):
+    model = peft.inject(tiny_gpt(), config(method))
+    randomize(model)
+    model.train()
+    idx, tgt = batch()
+    _, loss = model(idx, tgt)
+    loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trainable and with_grad == trainable
+    # the trainable parameters are exactly the adapter's parameters (the state dict may add buffers)
+    adapter_keys = set(peft.adapter_state_dict(model))
+    assert trainable <= adapter_keys
+    assert not any(".base." in n for n in trainable)
+    # model.configure_optimizers hands AdamW exactly these
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_adapter_state_dict_round_trip(method):
+    cfg = config(method)
+    model = peft.inject(tiny_gpt(), cfg)
+    randomize(model)
+    sd = {k: v.clone() for k, v in peft.adapter_state_dict(model).items()}
+    assert sd and all(k.startswith("transformer.") or k.startswith("lm_head.") for k in sd)
+    assert not any(".base." in k for k in sd)
+    torch.manual_seed(123)  # a different adapter init in the fresh model
+    fresh = peft.inject(tiny_gpt(), cfg)
+    peft.load_adapter_state_dict(fresh, sd)
+    idx, tgt = batch()
+    torch.testing.assert_close(logits(fresh, idx, tgt), logits(model, idx, tgt), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_count_parameters(method):
+    model = tiny_gpt()
+    _, total_before = peft.count_parameters(model)
+    peft.inject(model, config(method))
+    trainable, total = peft.count_parameters(model)
+    n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == n_adapter > 0
+    assert total == total_before + trainable
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
+@pytest.mark.parametrize("method", QUANTIZABLE)
+def test_nf4_base(method):
+    """QLoRA-style: every block Linear becomes NF4; merge dequantizes and equals the forward."""
+    model = tiny_gpt(n_embd=64)
+    _, total_before = peft.count_parameters(model)
+    peft.inject(model, config(method, quantize="nf4"))
+    for name, m in model.named_modules():
+        if name.startswith("transformer.h.") and isinstance(m, nn.Linear):
+            assert quant.is_4bit(m), name
+    assert type(model.lm_head) is nn.Linear  # the head (tied to the embedding) stays fp32
+    trainable, total = peft.count_parameters(model)
+    assert total == total_before + trainable  # 4-bit weights count as the weights they stand for
+    randomize(model)
+    idx, tgt = batch()
+    model.train()
+    model(idx, tgt)[1].backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == \
+           {n for n, p in model.named_parameters() if p.requires_grad}
+    before = logits(model, idx, tgt)
+    # the adapter alone restores the model on a freshly quantized base (quantization is deterministic)
+    fresh = peft.inject(tiny_gpt(n_embd=64), config(method, quantize="nf4"))
+    peft.load_adapter_state_dict(fresh, {k: v.clone() for k, v in peft.adapter_state_dict(model).items()})
+    torch.testing.assert_close(logits(fresh, idx, tgt), before, atol=1e-6, rtol=0)
+    peft.merge(model)
+    torch.testing.assert_close(logits(model, idx, tgt), before, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_bfloat16_base(method):
+    """base_dtype: frozen weights in bf16, adapters in fp32; trains, merges to fp32."""
+    model = peft.inject(tiny_gpt(), config(method, base_dtype="bfloat16"))
+    for name, m in model.named_modules():
+        if name.startswith("transformer.h.") and isinstance(m, nn.Linear):
+            assert m.weight.dtype == torch.bfloat16 and not m.weight.requires_grad
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    randomize(model)
+    idx, tgt = batch()
+    model.train()
+    model(idx, tgt)[1].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    before = logits(model, idx, tgt)
+    peft.merge(model)
+    # the merged fp32 model skips the bf16 rounding of activations, hence the loose tolerance
+    torch.testing.assert_close(logits(model, idx, tgt), before, atol=2e-2, rtol=0)
+
+
+def test_full():
+    model = tiny_gpt()
+    n = sum(p.numel() for p in model.parameters())
+    peft.inject(model, peft.PeftConfig(method="full"))
+    assert peft.count_parameters(model) == (n, n)
+    sd = peft.adapter_state_dict(model)
+    assert "lm_head.weight" not in sd and "transformer.wte.weight" in sd
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    fresh = peft.inject(tiny_gpt(seed=5), peft.PeftConfig(method="full"))
+    peft.load_adapter_state_dict(fresh, {k: v.clone() for k, v in sd.items()})
+    idx, tgt = batch()
+    torch.testing.assert_close(logits(fresh, idx, tgt), logits(model, idx, tgt), atol=0, rtol=0)
+
+
+def test_config_round_trip_and_defaults():
+    cfg = peft.PeftConfig(method="lora", targets=["q", "v"], use_rslora=True)
+    assert cfg.targets == ("q", "v")
+    assert peft.PeftConfig.from_dict(cfg.asdict()) == cfg
+    assert peft.PeftConfig(method="lora", targets="q, v") == cfg.__class__(method="lora", targets=("q", "v"))
+    assert peft.PeftConfig(method="lora", targets=("lora3", "lm_head")).resolved_targets() == \
+           ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head")
+    for method in ADAPTER_METHODS:
+        assert peft.PeftConfig(method=method).resolved_targets(), method  # every method has a default
+    assert cfg.scale() == pytest.approx(16 / 8 ** 0.5)
+
+
+def test_targets_resolve_to_modules():
+    model = peft.inject(tiny_gpt(), config("lora", targets=("q", "v", "mlp.c_fc")))
+    names = [n for n, _ in peft.adapter_layers(model)]
+    assert names == ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc",
+                     "transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_fc"]
+    assert model.transformer.h[0].attn.c_attn.slices == ("q", "v")
+    assert model.transformer.h[0].mlp.c_fc.slices is None
+    # one target can name one layer
+    model = peft.inject(tiny_gpt(), config("lora", targets=("h.1.attn.c_proj",)))
+    assert [n for n, _ in peft.adapter_layers(model)] == ["transformer.h.1.attn.c_proj"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="lroa"), "did you mean 'lora'"),
+    (dict(method="rslora"), "use_rslora=True"),
+    (dict(method="lora", r=0), "r=0"),
+    (dict(method="lora", dropout=1.0), "dropout"),
+    (dict(method="lora", init="xavier"), "init='xavier'"),
+    (dict(method="lora", quantize="int8"), "nf4"),
+    (dict(method="full", quantize="nf4"), "full"),
+    (dict(method="full", targets=("q",)), "full"),
+    (dict(method="olora", quantize="nf4"), "does not support quantize"),
+    (dict(method="lora", base_dtype="float8"), "base_dtype"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        peft.PeftConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(UserError, match="did you mean 'alpha'"):
+        peft.PeftConfig.from_dict({"method": "lora", "alpah": 8})
+
+
+def test_quantize_needs_bitsandbytes(monkeypatch):
+    real = importlib.util.find_spec
+    def find_spec(name, *args):
+        return None if name == "bitsandbytes" else real(name, *args)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(UserError, match="pip install bitsandbytes"):
+        peft.PeftConfig(method="lora", quantize="nf4")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="lora", r=33), "r=33 is too large: each of its q, v slices is 32x32"),
+    (dict(method="lora", r=40, targets=("mlp.c_fc",)), "r must be <= 32"),
+    (dict(method="lora", targets=("q", "wq")), "target 'wq' matches no module.*valid targets"),
+    (dict(method="lora", targets=("ln_1",)), "only Linear layers"),
+    (dict(method="lora", targets=("c_attn", "q")), "both whole and by its 'q' slice"),
+])
+def test_bad_inject(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        peft.inject(tiny_gpt(), peft.PeftConfig(**kwargs))
+
+
+def test_inject_twice_is_an_error():
+    model = peft.inject(tiny_gpt(), config("lora"))
+    with pytest.raises(UserError, match="already has adapters"):
+        peft.inject(model, config("lora"))
+
+
+def test_load_adapter_errors():
+    model = peft.inject(tiny_gpt(), config("lora"))
+    sd = peft.adapter_state_dict(model)
+    missing = dict(sd)
+    missing.pop("transformer.h.0.attn.c_attn.lora_A")
+    with pytest.raises(UserError, match="lacks 1 tensor"):
+        peft.load_adapter_state_dict(model, missing)
+    with pytest.raises(UserError, match="does not"):
+        peft.load_adapter_state_dict(model, dict(sd, **{"transformer.h.0.mlp.c_fc.lora_A": torch.zeros(4, 32)}))
+    other = peft.inject(tiny_gpt(), config("lora", r=2))
+    with pytest.raises(UserError, match="shape"):
+        peft.load_adapter_state_dict(model, peft.adapter_state_dict(other))
