@@ -1,0 +1,195 @@
+"""
+ETHER and ETHER+: Efficient finetuning of large-scale models with Hyperplane Reflections
+(Bini, Roth, Akata, Khoreva, ICML 2024, arXiv 2405.20271; reference code: github.com/mwbini/ether).
+
+The frozen weight W [out, in] is multiplied by a block-diagonal matrix H = blockdiag(H_1 … H_nb)
+(nb = cfg.ether_nb blocks of size b = dim / nb along the side it acts on). Each block is built
+from vectors of length b, normalized (û = u / ‖u‖):
+
+    ETHER  ("ether"):        H_i = I - 2 û ûᵀ             a Householder reflection: orthogonal,
+                                                         symmetric, det -1, ‖H_i - I‖_F = 2
+    ETHER+ ("etherplus"):    H_i = I - û ûᵀ + v̂ v̂ᵀ       symmetric, not orthogonal; H = I when
+                                                         v̂ = ±û, so v is initialized to -u
+    ETHER+ two-sided ("etherplusHH"):   W' = H_out · W · H_in  (its own u, v on each side)
+
+ETHER's H is never the identity: the layer's output changes at step 0 (the reference accepts
+this; the reflection is a bounded, distance-2 perturbation). u ~ U(-1/√b, 1/√b), the scale the
+reference's kaiming_uniform(a=√5) gives; only the direction of u matters.
+
+Which side, as in the reference:
+- q/k/v slices of the fused c_attn ([3d, d], rows q 0:d, k d:2d, v 2d:3d): H acts on the output
+  side of each chosen slice, W_s' = blockdiag(H_s) · W_s, with separate vectors per slice. Fast
+  path (the reference's own note): one block-diagonal H over all 3d outputs whose blocks on the
+  slices not chosen are the identity. A block with û = v̂ = 0 *is* the identity in the formulas
+  below, so the chosen slices' unit vectors are simply padded with zero blocks.
+  With etherplusHH every chosen slice also gets its own input-side H (W_s' = H_out,s W_s H_in,s),
+  computed as a batched matmul over the 3 slices with the slice's rotated input.
+- any other layer (or the whole c_attn): input side, W' = W · blockdiag(H).
+- flip_side moves the one-sided H to the output side when out_features < in_features (the smaller
+  side: fewer parameters and less work, e.g. mlp.c_proj 4C -> C). It has no effect on square
+  layers, on q/k/v slices (each slice is square) or on etherplusHH (both sides anyway).
+
+The clean block-diagonal form is implemented, as the paper states the method. The reference's
+input-side code for nb > 1 reshapes the [out, in] weight to (nb, out, in/nb), which applies block
+H_r to every input chunk of the r-th group of output rows: not W · blockdiag(H). The two coincide
+for nb = 1 and for the output side.
+
+Bias. W' replaces W and the bias stays as it is (the reference calls F.linear(x, H W, b)):
+output side y = (x Wᵀ) H + b = H applied to the bias-free output, plus b. (H is symmetric, so
+the row-vector form z H equals H z.) The input side leaves the bias alone by construction.
+
+Cost. Nothing dense is built in the forward: a block acts on a row vector z as
+    ETHER:   z H_i = z - 2 (z·û) û            ETHER+:   z H_i = z - (z·û) û + (z·v̂) v̂
+which is O(dim) per token; the frozen base matmul runs once, as usual. merge() applies the same
+maps to the rows (input side) or columns (output side) of W.
+
+Parameters per layer (independent of nb): ETHER dim, ETHER+ 2·dim, etherplusHH 2(in + out), with
+dim the adapted side (d per chosen slice for q/k/v). Names: ether_u_in / ether_u_out (and
+ether_v_in / ether_v_out for ETHER+), shape [nb, b], or [n_slices, nb, b] for slices (q, k, v order).
+Dropout (cfg.dropout) is applied to the layer input, as in the reference (recipe: no dropout).
+A 4-bit base is not supported (the output side needs the bare weight W).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from errors import UserError
+from peft.quant import dequantize
+
+SLICES = ("q", "k", "v")
+
+
+def divisors(n):
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+class ETHERLinear(nn.Module):
+    """ETHER: blockdiag(I - 2ûûᵀ) on one side (see the module docstring). Owns the frozen base."""
+
+    supports_quantize = False
+    vectors = ("u",)  # trainable vectors per block; ETHER+ has ("u", "v")
+
+    def __init__(self, base, cfg, slices=None):
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        d_out, d_in = base.weight.shape
+        nb = cfg.ether_nb
+        two_sided = cfg.method == "etherplusHH"
+        self.slices = None
+        if slices is not None:
+            if d_out != 3 * d_in:
+                raise UserError(f"q/k/v slices need the fused c_attn [3d, d], got a layer [{d_out}, {d_in}]")
+            self.slices = tuple(s for s in SLICES if s in slices)  # q, k, v order
+            self.sides = ("in", "out") if two_sided else ("out",)
+            dims = {"in": d_in, "out": d_in}  # each slice is [d, d]
+        else:
+            if two_sided:
+                self.sides = ("in", "out")
+            elif cfg.flip_side and d_out < d_in:
+                self.sides = ("out",)
+            else:
+                self.sides = ("in",)
+            dims = {"in": d_in, "out": d_out}
+        common = math.gcd(*[dims[s] for s in self.sides])
+        for side in self.sides:
+            if nb < 1 or dims[side] % nb != 0:
+                raise UserError(f"ether_nb {nb} does not divide the {side}put side ({dims[side]}) of a targeted "
+                                f"[{d_out}, {d_in}] layer; valid values: {divisors(common)}")
+        self.nb = nb
+        self.block = {side: dims[side] // nb for side in self.sides}  # b per side
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        for side in self.sides:
+            b = self.block[side]
+            shape = (nb, b) if self.slices is None else (len(self.slices), nb, b)
+            u = torch.empty(shape, device=base.weight.device).uniform_(-1 / math.sqrt(b), 1 / math.sqrt(b))
+            self.register_parameter(f"ether_u_{side}", nn.Parameter(u))
+            if "v" in self.vectors:
+                self.register_parameter(f"ether_v_{side}", nn.Parameter(-u.clone()))  # v̂v̂ᵀ = ûûᵀ: H = I
+
+    def unit_vectors(self, side):
+        """The normalized vectors of one side: a list (û, or û and v̂), each (nb, b), or for q/k/v
+        slices (3, nb, b) with zero blocks (= identity blocks) on the slices not adapted."""
+        out = []
+        for name in self.vectors:
+            w = F.normalize(getattr(self, f"ether_{name}_{side}"), dim=-1)
+            if self.slices is not None:
+                zero = w.new_zeros(w.shape[1:])
+                w = torch.stack([w[self.slices.index(s)] if s in self.slices else zero for s in SLICES])
+            out.append(w)
+        return out
+
+    def apply_h(self, z, vecs):
+        """z H, block-wise: z (..., nb, b), û broadcastable to it. H_i = I - 2ûûᵀ."""
+        (u,) = vecs
+        return z - 2 * (z * u).sum(-1, keepdim=True) * u
+
+    def forward(self, x):
+        x = self.drop(x)
+        W, bias = self.base.weight, self.base.bias
+        lead, nb = x.shape[:-1], self.nb
+        if self.slices is None:
+            if "in" in self.sides:
+                vecs = [w.to(x.dtype) for w in self.unit_vectors("in")]
+                x = self.apply_h(x.reshape(*lead, nb, -1), vecs).reshape(x.shape)  # x H_in
+            if "out" not in self.sides:
+                return self.base(x)
+            z = F.linear(x.to(W.dtype), W).to(x.dtype)  # (..., out), bias-free
+            vecs = [w.to(z.dtype) for w in self.unit_vectors("out")]
+            z = self.apply_h(z.reshape(*lead, nb, -1), vecs).reshape(z.shape)  # z H_out
+            return z + bias.to(z.dtype) if bias is not None else z
+        # q/k/v slices of the fused c_attn, W [3d, d]
+        d = W.shape[1]
+        if "in" in self.sides:
+            # etherplusHH: every slice s sees its own input x H_in,s (identity for slices not adapted)
+            vecs = [w.to(x.dtype) for w in self.unit_vectors("in")]  # (3, nb, b)
+            xs = self.apply_h(x.reshape(*lead, 1, nb, -1), vecs).reshape(*lead, 3, d)  # (..., 3, d)
+            Ws = W.view(3, d, d)  # (slice, out row, in)
+            z = torch.einsum("...si,soi->...so", xs.to(W.dtype), Ws).to(x.dtype).reshape(*lead, 3 * d)
+        else:
+            z = F.linear(x.to(W.dtype), W).to(x.dtype)  # (..., 3d), bias-free
+        vecs = [w.to(z.dtype) for w in self.unit_vectors("out")]  # (3, nb, b)
+        z = self.apply_h(z.reshape(*lead, 3, nb, -1), vecs).reshape(z.shape)  # z H_out, per slice
+        return z + bias.to(z.dtype) if bias is not None else z
+
+    @torch.no_grad()
+    def merge(self):
+        """A plain fp32 nn.Linear with W' = H_out W H_in (the sides this layer adapts), same bias."""
+        W = dequantize(self.base)
+        d_out, d_in = W.shape
+        nb = self.nb
+        if self.slices is None:
+            if "in" in self.sides:  # every row of W times H_in
+                W = self.apply_h(W.view(d_out, nb, -1), self.unit_vectors("in")).reshape(d_out, d_in)
+            if "out" in self.sides:  # H_out W = (Wᵀ H_out)ᵀ, H symmetric
+                Wt = self.apply_h(W.t().reshape(d_in, nb, -1), self.unit_vectors("out"))
+                W = Wt.reshape(d_in, d_out).t()
+        else:
+            if "in" in self.sides:  # rows of slice s times H_in,s
+                vecs = [w[:, None] for w in self.unit_vectors("in")]  # (3, 1, nb, b)
+                W = self.apply_h(W.view(3, d_in, nb, -1), vecs).reshape(d_out, d_in)
+            Wt = self.apply_h(W.t().reshape(d_in, 3, nb, -1), self.unit_vectors("out"))  # (in, 3, nb, b)
+            W = Wt.reshape(d_in, d_out).t()
+        merged = nn.Linear(d_in, d_out, bias=self.base.bias is not None, device=W.device)
+        merged.weight.copy_(W)
+        if self.base.bias is not None:
+            merged.bias.copy_(self.base.bias.float())
+        return merged
+
+    def extra_repr(self):
+        return f"nb={self.nb}, sides={self.sides}, slices={self.slices}"
+
+
+class ETHERPlusLinear(ETHERLinear):
+    """ETHER+: blockdiag(I - ûûᵀ + v̂v̂ᵀ), one-sided for cfg.method 'etherplus', on both sides
+    (W' = H_out W H_in) for 'etherplusHH' (see the module docstring)."""
+
+    vectors = ("u", "v")
+
+    def apply_h(self, z, vecs):
+        """z H, block-wise: H_i = I - ûûᵀ + v̂v̂ᵀ (symmetric, so z H = H z)."""
+        u, v = vecs
+        return z - (z * u).sum(-1, keepdim=True) * u + (z * v).sum(-1, keepdim=True) * v
