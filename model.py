@@ -1,0 +1,493 @@
+"""
+GPT-2 in one file, in the style of nanoGPT (github.com/karpathy/nanoGPT), plus what fine-tuning needs:
+loading and saving transformers GPT-2 folders, a KV cache for generation, and an optimizer that only
+sees trainable parameters.
+
+Layout conventions:
+- every projection is a torch nn.Linear with weight [out, in]; transformers stores the GPT-2
+  projections as Conv1D with weight [in, out], so we transpose on load and on export.
+- attn.c_attn is the fused [q | k | v] projection: rows 0:C are q, C:2C are k, 2C:3C are v.
+- lm_head.weight is the same Parameter as transformer.wte.weight (weight tying).
+- forward code always calls the projection modules (self.c_attn(x), ...) and never reads their
+  .weight, so peft/ can swap them for adapter wrappers.
+"""
+
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from errors import UserError
+
+HUB_MODELS = {  # the four OpenAI GPT-2 checkpoints on the Hugging Face Hub
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+GPT2_EOT = 50256  # <|endoftext|> in the GPT-2 vocabulary
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # maximum context length (transformers: n_positions)
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms (GPT-2 has them)
+    layer_norm_epsilon: float = 1e-5
+
+
+class KVCache:
+    """Keys and values of the tokens already processed, one preallocated buffer pair per layer.
+
+    k[i], v[i]: (B, nh, block_size, hs), allocated on the first write of a sequence (so they take
+    the batch size and the dtype the model computes in, e.g. bf16 under autocast). Only the first
+    `pos` positions are valid.
+    Attention layer i calls update(i, k, v) with the new tokens' keys/values; GPT.forward advances
+    `pos` once after all layers have run.
+    """
+
+    def __init__(self, n_layer, block_size):
+        self.block_size = block_size
+        self.pos = 0  # number of cached tokens = position of the next token
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+
+    def update(self, layer, k, v):
+        """Append k, v (B, nh, T, hs) at positions pos..pos+T-1; return all keys/values so far."""
+        B, nh, T, hs = k.shape
+        buf = self.k[layer]
+        fresh = buf is None or (self.pos == 0 and (buf.shape[0], buf.dtype, buf.device) != (B, k.dtype, k.device))
+        if fresh:  # first write, or a new sequence with another batch size / dtype / device
+            self.k[layer] = k.new_empty(B, nh, self.block_size, hs)
+            self.v[layer] = v.new_empty(B, nh, self.block_size, hs)
+        end = self.pos + T
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, pos+T, hs) views
+
+    def reset(self):
+        """Forget every cached token; the buffers are kept and overwritten."""
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, y = softmax(q kᵀ / √hs + causal mask) v per head."""
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused [q|k|v]
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x, kv_cache=None, layer=0):
+        B, T, C = x.size()  # batch, sequence length, embedding dim
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        past = 0 if kv_cache is None else kv_cache.pos
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, past+T, hs)
+        if past == 0:  # plain causal attention over this chunk
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif T == 1:  # one new token may look at every cached token
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:  # new token i sits at position past+i and may look at keys 0..past+i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C), heads side by side
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """y = c_proj(gelu_tanh(c_fc(x))), hidden size 4C."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C), GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(x))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one Parameter, two uses
+        # GPT-2 init: N(0, 0.02), residual projections scaled by 1/√(2·n_layer) (one per sub-block)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Number of parameters (trainable or not). non_embedding drops the position embeddings;
+        the token embeddings stay counted because they are also the lm_head weights."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def crop_block_size(self, block_size):
+        """Shrink the context to block_size tokens by keeping the first block_size position
+        embeddings (e.g. fine-tune GPT-2, trained with 1024 positions, on 256-token sequences)."""
+        if not 1 <= block_size <= self.config.block_size:
+            raise UserError(f"cannot crop the context to {block_size} tokens: it must be between 1 and "
+                            f"the model's {self.config.block_size}")
+        self.config.block_size = block_size
+        wpe = self.transformer.wpe.weight
+        self.transformer.wpe.weight = nn.Parameter(wpe[:block_size].detach().clone(), requires_grad=wpe.requires_grad)
+
+    def new_kv_cache(self):
+        """An empty KV cache sized for this model (batch size and dtype are set by the first call)."""
+        return KVCache(self.config.n_layer, self.config.block_size)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx (B, T) token ids -> (logits, loss).
+
+        With targets (B, T): logits (B, T, V) and the mean cross-entropy over positions whose target
+        is not -1. Without: logits (B, 1, V) of the last position only and loss None.
+        With a kv_cache the T tokens continue the cached ones: they sit at positions
+        pos..pos+T-1, attend to the cached keys/values, and are appended to the cache.
+        """
+        B, T = idx.size()
+        past = 0 if kv_cache is None else kv_cache.pos
+        if past + T > self.config.block_size:
+            raise UserError(f"cannot forward a sequence of {past + T} tokens ({past} cached + {T} new), "
+                            f"the model's context is {self.config.block_size} tokens; use shorter sequences")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, i)  # (B, T, C)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        if targets is not None:
+            logits = self.lm_head(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # (B, 1, V), the list index keeps the time dim
+            loss = None
+        return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=0.0):
+        """Load a transformers GPT-2 checkpoint as a GPT in fp32.
+
+        name_or_path: a local folder with config.json and model.safetensors (or pytorch_model.bin),
+        or one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, downloaded from the Hugging Face Hub.
+        """
+        path = os.fspath(name_or_path)
+        if not os.path.isdir(path):
+            if path not in HUB_MODELS:
+                raise UserError(f"no model folder at '{path}': pass a folder with config.json and "
+                                f"model.safetensors, or one of {', '.join(HUB_MODELS)}")
+            from huggingface_hub import snapshot_download
+            try:
+                path = snapshot_download(HUB_MODELS[path], allow_patterns=["config.json", "model.safetensors"])
+            except Exception as e:
+                raise UserError(f"cannot reach the Hugging Face Hub to download '{name_or_path}' "
+                                f"({type(e).__name__}); check the network, or pass a local transformers "
+                                f"GPT-2 folder (config.json + model.safetensors) instead") from e
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise UserError(f"'{path}' has no config.json: it is not a transformers GPT-2 folder")
+        with open(config_file) as f:
+            hf = json.load(f)
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise UserError(f"'{path}' holds a {hf['model_type']} model, only GPT-2 (model_type gpt2) is supported")
+        config = GPTConfig(
+            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            vocab_size=hf.get("vocab_size", 50257),
+            n_layer=hf.get("n_layer", 12),
+            n_head=hf.get("n_head", 12),
+            n_embd=hf.get("n_embd", 768),
+            dropout=dropout,
+            bias=True,
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        )
+        sd_hf = _load_state_dict(path)
+
+        model = cls(config)
+        sd = model.state_dict()
+        tied = hf.get("tie_word_embeddings", True)
+        loaded = set()
+        for key, w in sd_hf.items():
+            if key.startswith("transformer."):
+                key = key[len("transformer."):]
+            if key.endswith(".attn.bias") or key.endswith(".attn.masked_bias"):
+                continue  # transformers' causal-mask buffers, not weights
+            if key == "lm_head.weight":
+                if tied:
+                    continue  # the same tensor as wte
+                model.lm_head.weight = nn.Parameter(torch.empty_like(sd["lm_head.weight"]))
+                target = model.lm_head.weight
+            else:
+                if "transformer." + key not in sd:
+                    raise UserError(f"unexpected tensor '{key}' in the checkpoint at '{path}': not a GPT-2 model")
+                target = sd["transformer." + key]
+                key = "transformer." + key
+            if key.endswith(CONV1D):
+                w = w.t()  # Conv1D [in, out] -> Linear [out, in]
+            if w.shape != target.shape:
+                raise UserError(f"tensor '{key}' in '{path}' has shape {tuple(w.shape)}, config.json "
+                                f"implies {tuple(target.shape)}: the checkpoint does not match its config")
+            with torch.no_grad():
+                target.copy_(w.float())
+            loaded.add(key)
+        missing = [k for k in sd if k != "lm_head.weight" and k not in loaded]
+        if not tied and "lm_head.weight" not in loaded:
+            missing.append("lm_head.weight")
+        if missing:
+            raise UserError(f"the checkpoint at '{path}' lacks {len(missing)} tensors (e.g. '{missing[0]}'): "
+                            f"it is incomplete or not a GPT-2 model")
+        return model
+
+    def save_hf(self, folder, dtype=torch.float32):
+        """Write this model as a transformers GPT-2 folder: config.json, model.safetensors (Conv1D
+        layout, keys transformer.*) and generation_config.json. Each file is written to a temporary
+        name in the folder and then renamed, so a crash never leaves a half-written file.
+        Only for plain models: merge adapters first (peft.merge(model)).
+        """
+        from safetensors.torch import save_file
+        for name in ["lm_head"] + [f"transformer.h.{i}.{n}" for i in range(self.config.n_layer) for n in LINEARS]:
+            if type(self.get_submodule(name)) is not nn.Linear:
+                raise UserError("merge adapters first (peft.merge(model))")
+        c = self.config
+        tensors = {}
+        for key, w in self.state_dict().items():
+            if key == "lm_head.weight":
+                continue
+            w = w.detach().to(dtype=dtype, device="cpu")
+            if key.endswith(CONV1D):
+                w = w.t()  # Linear [out, in] -> Conv1D [in, out]
+            tensors[key] = w.contiguous()
+        # tied unless lm_head was replaced (e.g. by merging an lm_head adapter): then save it too
+        tied = self.lm_head.weight is self.transformer.wte.weight
+        if not tied:
+            tensors["lm_head.weight"] = self.lm_head.weight.detach().to(dtype=dtype, device="cpu").contiguous()
+        eot = GPT2_EOT if c.vocab_size > GPT2_EOT else None
+        config = {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "activation_function": "gelu_new",
+            "n_embd": c.n_embd,
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_positions": c.block_size,
+            "n_ctx": c.block_size,
+            "n_inner": None,
+            "vocab_size": c.vocab_size,
+            "layer_norm_epsilon": c.layer_norm_epsilon,
+            "attn_pdrop": c.dropout,
+            "embd_pdrop": c.dropout,
+            "resid_pdrop": c.dropout,
+            "initializer_range": 0.02,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": tied,
+            "bos_token_id": eot,
+            "eos_token_id": eot,
+            "dtype": str(dtype).removeprefix("torch."),
+            "use_cache": True,
+        }
+        generation_config = {"_from_model_config": True, "bos_token_id": eot, "eos_token_id": eot}
+        os.makedirs(folder, exist_ok=True)
+        _write_atomic(os.path.join(folder, "model.safetensors"),
+                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        for name, obj in (("config.json", config), ("generation_config.json", generation_config)):
+            def write_json(tmp, obj=obj):
+                with open(tmp, "w") as f:
+                    json.dump(obj, f, indent=2)
+                    f.write("\n")
+            _write_atomic(os.path.join(folder, name), write_json)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW over the trainable parameters: matrices and embeddings (>= 2-D) get weight decay,
+        biases, LayerNorm gains and other vectors do not. Fused kernel on CUDA."""
+        param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
+        if not param_dict:
+            raise UserError("the model has no trainable parameters: check the fine-tuning method and its targets")
+        decay_params = [p for p in param_dict.values() if p.dim() >= 2]
+        nodecay_params = [p for p in param_dict.values() if p.dim() < 2]
+        optim_groups = [
+            {"params": decay_params, "weight_decay": weight_decay},
+            {"params": nodecay_params, "weight_decay": 0.0},
+        ]
+        optim_groups = [g for g in optim_groups if g["params"]]
+        num_decay_params = sum(p.numel() for p in decay_params)
+        num_nodecay_params = sum(p.numel() for p in nodecay_params)
+        print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay_params:,} parameters")
+        print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay_params:,} parameters")
+        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        extra_args = dict(fused=True) if use_fused else dict()
+        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+        print(f"using fused AdamW: {use_fused}")
+        return optimizer
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+        """Model flops utilization: achieved flops / peak_flops (flops per second of the device).
+        Flops per token ≈ 6N + 12·L·H·Q·T (PaLM appendix B), N = all parameters; with frozen
+        weights the backward is cheaper, so for PEFT this counts flops a full fine-tune would do."""
+        N = self.get_num_params()
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        flops_per_fwdbwd = flops_per_token * T
+        flops_per_iter = flops_per_fwdbwd * fwdbwd_per_iter
+        flops_achieved = flops_per_iter / dt  # per second
+        return flops_achieved / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 stop_token=None):
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + n) with n <= max_new_tokens.
+
+        temperature 0 picks the argmax (greedy); otherwise sample from softmax(logits / temperature),
+        restricted to the top_k most likely tokens and/or the smallest set whose probability reaches
+        top_p (nucleus). With stop_token, a row that produced it keeps emitting it, and generation
+        ends early once every row has.
+        use_cache: the prompt is run once (prefill), then each step runs only the newest token against
+        the cached keys/values. When the context reaches block_size the cache is full; we then fall
+        back to re-prefilling the last block_size tokens at every step, which is exactly what the
+        uncached path computes (it crops the context to the last block_size tokens).
+        Call model.eval() first if the model has dropout.
+        """
+        B, T = idx.size()
+        block_size = self.config.block_size
+        if T == 0:
+            raise UserError("the prompt is empty: give at least one token")
+        if T > block_size:
+            raise UserError(f"the prompt is {T} tokens but the model's context is {block_size} tokens; "
+                            f"shorten the prompt")
+        if temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise UserError(f"top_k must be >= 1, got {top_k}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1], got {top_p}")
+        kv_cache = self.new_kv_cache() if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # rows that produced stop_token
+        for step in range(max_new_tokens):
+            if kv_cache is None:
+                logits, _ = self(idx[:, -block_size:])  # (B, 1, V)
+            elif step == 0 or kv_cache.pos == block_size:  # prefill, or re-prefill when full
+                kv_cache.reset()
+                logits, _ = self(idx[:, -block_size:], kv_cache=kv_cache)  # (B, 1, V)
+            else:
+                logits, _ = self(idx[:, -1:], kv_cache=kv_cache)  # (B, 1, V)
+            idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
+            if stop_token is not None:
+                idx_next = idx_next.masked_fill(done.unsqueeze(1), stop_token)
+                done = done | (idx_next[:, 0] == stop_token)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T + step + 1)
+            if stop_token is not None and bool(done.all()):
+                break
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """Pick one token per row from logits (B, V): argmax when temperature == 0, else a sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k), sorted descending
+        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)  # (B, V)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first is always kept)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # (B, V)
+        sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
+        logits = torch.full_like(logits, -float("inf")).scatter(-1, sorted_idx, sorted_logits)
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1)  # (B, 1)
+
+
+def _load_state_dict(path):
+    """Tensors of a transformers checkpoint folder: model.safetensors, else pytorch_model.bin."""
+    st = os.path.join(path, "model.safetensors")
+    pt = os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+        try:
+            return load_file(st, device="cpu")
+        except Exception as e:
+            raise UserError(f"cannot read '{st}' ({e}): the file is damaged or not safetensors") from e
+    if os.path.isfile(pt):
+        try:
+            return torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read '{pt}' ({type(e).__name__}): the file is damaged or not "
+                            f"a plain PyTorch state dict") from e
+    raise UserError(f"'{path}' has neither model.safetensors nor pytorch_model.bin: "
+                    f"sharded or other checkpoints are not supported")
+
+
+def _write_atomic(path, write):
+    """Call write(tmp) on a temporary file next to path, then rename it to path."""
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

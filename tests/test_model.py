@@ -1,0 +1,294 @@
+"""Tests for model.py against transformers' GPT2LMHeadModel, on tiny random checkpoints."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from errors import UserError  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 211
+BLOCK = 64
+torch.set_num_threads(1)
+
+
+def tiny_hf_model(seed=0):
+    """A random transformers GPT-2 with non-trivial biases and LayerNorm gains (the default init
+    leaves them at 0 and 1, which would hide layout mistakes)."""
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=BLOCK, vocab_size=VOCAB,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return hf.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """(transformers model, folder with model.safetensors, folder with pytorch_model.bin)."""
+    hf = tiny_hf_model()
+    st = tmp_path_factory.mktemp("hf_st")
+    hf.save_pretrained(st)
+    assert (st / "model.safetensors").exists()
+    pt = tmp_path_factory.mktemp("hf_pt")
+    # transformers 5 dropped safe_serialization=False: write the .bin next to a copy of the config
+    (pt / "config.json").write_text((st / "config.json").read_text())
+    torch.save({k: v.clone() for k, v in hf.state_dict().items()}, pt / "pytorch_model.bin")
+    return hf, st, pt
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(idx).logits  # (B, T, V)
+
+
+def all_logits(model, idx):
+    """Logits of every position: pass dummy targets (forward without targets returns the last only)."""
+    with torch.no_grad():
+        logits, _ = model(idx, targets=torch.zeros_like(idx))
+    return logits
+
+
+@pytest.mark.parametrize("variant", ["safetensors", "bin"])
+def test_logits_match_transformers(hf_folder, variant):
+    hf, st, pt = hf_folder
+    model = GPT.from_pretrained(st if variant == "safetensors" else pt).eval()
+    assert model.config.block_size == BLOCK and model.config.vocab_size == VOCAB
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    torch.manual_seed(1)
+    idx = torch.randint(0, VOCAB, (2, 17))
+    ref = hf_logits(hf, idx)
+    ours = all_logits(model, idx)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    last, loss = model(idx)
+    assert loss is None and last.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(last, ref[:, [-1]], atol=1e-5, rtol=0)
+
+
+def test_loads_bf16_checkpoint_to_fp32_and_unprefixed_keys(hf_folder, tmp_path):
+    from safetensors.torch import save_file
+    hf, st, _ = hf_folder
+    (tmp_path / "config.json").write_text((st / "config.json").read_text())
+    sd = {k.removeprefix("transformer."): v.to(torch.bfloat16).contiguous()
+          for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, tmp_path / "model.safetensors")
+    model = GPT.from_pretrained(tmp_path)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    w = model.transformer.h[0].attn.c_attn.weight
+    assert w.shape == (96, 32)
+    torch.testing.assert_close(w, hf.transformer.h[0].attn.c_attn.weight.t().to(torch.bfloat16).float())
+
+
+def test_loss_ignores_minus_one():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 101, (2, 12))
+    targets = torch.randint(0, 101, (2, 12))
+    targets[0, :5] = -1
+    targets[1, 9:] = -1
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 12, 101)
+    keep = targets != -1
+    ref = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None
+
+
+def test_cached_forward_matches_uncached(hf_folder):
+    hf, st, _ = hf_folder
+    model = GPT.from_pretrained(st).eval()
+    torch.manual_seed(2)
+    idx = torch.randint(0, VOCAB, (2, 40))
+    full = all_logits(model, idx)  # (2, 40, V)
+    cache = model.new_kv_cache()
+    start = 0
+    with torch.no_grad():
+        for chunk in (7, 1, 12, 1, 1, 18):  # chunked prefill, then single tokens, then a chunk
+            logits, _ = model(idx[:, start:start + chunk], kv_cache=cache)
+            start += chunk
+            assert cache.pos == start
+            torch.testing.assert_close(logits[:, 0], full[:, start - 1], atol=1e-5, rtol=0)
+        # with targets, a cached chunk returns every position's logits
+        cache.reset()
+        model(idx[:, :25], kv_cache=cache)
+        logits, _ = model(idx[:, 25:], targets=idx[:, 25:], kv_cache=cache)
+    torch.testing.assert_close(logits, full[:, 25:], atol=1e-5, rtol=0)
+
+
+def test_generate_greedy_cache_equals_no_cache(hf_folder):
+    hf, st, _ = hf_folder
+    model = GPT.from_pretrained(st).eval()
+    torch.manual_seed(3)
+    idx = torch.randint(0, VOCAB, (2, 10))
+    # 70 new tokens: the context passes block_size (64), exercising the re-prefill fallback
+    a = model.generate(idx, 70, temperature=0.0, use_cache=True)
+    b = model.generate(idx, 70, temperature=0.0, use_cache=False)
+    assert a.shape == (2, 80)
+    assert torch.equal(a, b)
+    assert torch.equal(a[:, :10], idx)
+    # and the first steps agree with transformers' own greedy decoding
+    ref = hf.generate(idx, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(a[:, :30], ref)
+
+
+def test_generate_sampling_and_stop_token(hf_folder):
+    _, st, _ = hf_folder
+    model = GPT.from_pretrained(st).eval()
+    idx = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(5)
+    out = model.generate(idx, 8, temperature=0.8, top_k=5, top_p=0.9)
+    assert out.shape == (3, 13)
+    # top_k=1 and a tiny top_p are both greedy
+    greedy = model.generate(idx, 8, temperature=0.0)
+    assert torch.equal(model.generate(idx, 8, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(model.generate(idx, 8, temperature=1.0, top_p=1e-6), greedy)
+    # stop on the first greedy token of row 0: that row stops at once and pads with the stop token
+    stop = int(greedy[0, 5])
+    out = model.generate(idx, 8, temperature=0.0, stop_token=stop)
+    assert (out[0, 5:] == stop).all()
+    if not (greedy[:, 5:] == stop).any(dim=1).all():
+        assert out.shape[1] == 13
+    single = model.generate(idx[:1], 8, temperature=0.0, stop_token=stop)
+    assert single.shape == (1, 6)
+
+
+def test_save_hf_round_trip(tmp_path):
+    torch.manual_seed(6)
+    model = GPT(GPTConfig(block_size=48, vocab_size=150, n_layer=2, n_head=4, n_embd=32)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    folder = tmp_path / "export"
+    model.save_hf(folder)
+    assert sorted(os.listdir(folder)) == ["config.json", "generation_config.json", "model.safetensors"]
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == "gpt2" and cfg["n_positions"] == 48 and cfg["activation_function"] == "gelu_new"
+    idx = torch.randint(0, 150, (2, 20))
+    ours = all_logits(model, idx)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    torch.testing.assert_close(hf_logits(hf, idx), ours, atol=1e-5, rtol=0)
+    again = GPT.from_pretrained(folder).eval()
+    torch.testing.assert_close(all_logits(again, idx), ours, atol=0, rtol=0)
+    # bf16 export loads back (to fp32) close to the original
+    model.save_hf(tmp_path / "bf16", dtype=torch.bfloat16)
+    low = GPT.from_pretrained(tmp_path / "bf16").eval()
+    assert low.transformer.wte.weight.dtype == torch.float32
+    torch.testing.assert_close(all_logits(low, idx), ours, atol=0.1, rtol=0.05)
+
+
+def test_save_hf_untied_lm_head(tmp_path):
+    """A merged lm_head adapter leaves lm_head different from wte: the export keeps both."""
+    torch.manual_seed(7)
+    model = GPT(GPTConfig(block_size=32, vocab_size=120, n_layer=2, n_head=2, n_embd=32)).eval()
+    new_head = nn.Linear(32, 120, bias=False)
+    with torch.no_grad():
+        new_head.weight.copy_(model.lm_head.weight + 0.05 * torch.randn_like(model.lm_head.weight))
+    model.lm_head = new_head
+    model.save_hf(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    idx = torch.randint(0, 120, (1, 9))
+    ours = all_logits(model, idx)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(hf_logits(hf, idx), ours, atol=1e-5, rtol=0)
+    again = GPT.from_pretrained(tmp_path)
+    assert again.lm_head.weight is not again.transformer.wte.weight
+    torch.testing.assert_close(all_logits(again.eval(), idx), ours, atol=0, rtol=0)
+
+
+def test_save_hf_refuses_adapted_model(tmp_path):
+    class Wrapped(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x)
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    model.transformer.h[0].attn.c_attn = Wrapped(model.transformer.h[0].attn.c_attn)
+    logits, _ = model(torch.zeros(1, 4, dtype=torch.long))  # the forward goes through the wrapper
+    assert logits.shape == (1, 1, 50)
+    with pytest.raises(UserError, match="merge adapters first"):
+        model.save_hf(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_inputs(tmp_path, hf_folder, monkeypatch):
+    with pytest.raises(UserError, match="no model folder"):
+        GPT.from_pretrained(tmp_path / "missing")
+    with pytest.raises(UserError, match="config.json"):
+        GPT.from_pretrained(tmp_path)  # exists, but empty
+    _, st, _ = hf_folder
+    model = GPT.from_pretrained(st).eval()
+    with pytest.raises(UserError, match=f"prompt is {BLOCK + 1} tokens.*context is {BLOCK}"):
+        model.generate(torch.zeros(1, BLOCK + 1, dtype=torch.long), 1)
+    with pytest.raises(UserError, match="context"):
+        model(torch.zeros(1, BLOCK + 1, dtype=torch.long))
+    cache = model.new_kv_cache()
+    model(torch.zeros(1, BLOCK - 2, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(UserError, match="context"):
+        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+
+    # the Hub path: offline here, so the download fails and must become a UserError
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)  # so a stray ./gpt2 folder cannot be picked up
+    with pytest.raises(UserError, match="cannot reach the Hugging Face Hub.*local"):
+        GPT.from_pretrained("gpt2")
+
+
+def test_configure_optimizers_and_counts(capsys):
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.transformer.h[0].attn.c_attn.weight.requires_grad_(True)
+    model.transformer.h[0].attn.c_attn.bias.requires_grad_(True)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    groups = {g["weight_decay"]: g["params"] for g in opt.param_groups}
+    assert [p.shape for p in groups[0.1]] == [(48, 16)]
+    assert [p.shape for p in groups[0.0]] == [(48,)]
+    assert "num decayed parameter tensors: 1" in capsys.readouterr().out
+    n = sum(p.numel() for p in model.parameters())
+    assert model.get_num_params(non_embedding=False) == n
+    assert model.get_num_params() == n - 16 * 16
+    assert 0 < model.estimate_mfu(4, 0.5, 1e12) < 1
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(UserError, match="no trainable parameters"):
+        model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+
+
+def test_crop_block_size(hf_folder):
+    hf, st, _ = hf_folder
+    model = GPT.from_pretrained(st).eval()
+    idx = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(8))
+    before = all_logits(model, idx)
+    model.crop_block_size(24)
+    assert model.config.block_size == 24 and model.transformer.wpe.weight.shape == (24, 32)
+    torch.testing.assert_close(all_logits(model, idx), before, atol=0, rtol=0)
+    with pytest.raises(UserError, match="context"):
+        model(torch.zeros(1, 25, dtype=torch.long))
+    out = model.generate(idx, 10, temperature=0.0)  # passes the cropped context: re-prefill path
+    assert torch.equal(out, model.generate(idx, 10, temperature=0.0, use_cache=False))
+    with pytest.raises(UserError, match="cannot crop"):
+        model.crop_block_size(100)
