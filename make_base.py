@@ -1,0 +1,46 @@
+"""
+Rebuild the small base model bundled in models/gpt2-milton/ (the offline quickstart's starting point):
+GPT-2 architecture and the real GPT-2 tokenizer, pretrained from scratch by this repo on the bundled
+Milton corpus. One command, about 20 minutes on 2 CPU cores:
+
+    python make_base.py
+
+It runs data/milton/prepare.py, then `train.py config/pretrain_base_milton.py`, then writes the
+trained model as a transformers GPT-2 folder in float16 (to stay under 10 MB in git).
+"""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+import checkpoint
+import configurator
+import errors
+import peft
+
+errors.install()
+
+# -----------------------------------------------------------------------------
+train_config = "config/pretrain_base_milton.py"
+out_dir = "out-base-milton"
+save_dir = "models/gpt2-milton"
+overwrite = False  # retrain even if out_dir already holds a finished run
+# -----------------------------------------------------------------------------
+config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:])
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+root = os.path.dirname(os.path.abspath(__file__))
+subprocess.run([sys.executable, os.path.join(root, "data", "milton", "prepare.py")], check=True)
+if overwrite or not os.path.exists(os.path.join(out_dir, checkpoint.CKPT_NAME)):
+    cmd = [sys.executable, os.path.join(root, "train.py"), train_config, f"--out_dir={out_dir}"]
+    subprocess.run(cmd + (["--overwrite=true"] if overwrite else []), check=True)
+
+model, meta = checkpoint.load_model(out_dir)
+peft.merge(model)  # method='full': nothing to merge, but it keeps this script right for any method
+model.save_hf(save_dir, dtype=torch.float16)
+print(f"wrote {save_dir} (iter {meta['iter_num']}, val loss {meta['best_val_loss']:.4f}):")
+for name in sorted(os.listdir(save_dir)):
+    print(f"  {name}: {os.path.getsize(os.path.join(save_dir, name)) / 1e6:.2f} MB")

@@ -1,0 +1,83 @@
+"""
+Sample from a trained run (full or adapter checkpoint) or from a base model, with the KV cache.
+
+    python sample.py --out_dir=out-quickstart --start="ROMEO:"
+    python sample.py --init_from=gpt2 --start=FILE:prompt.txt --num_samples=2
+"""
+
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import checkpoint
+import configurator
+import errors
+import peft
+import tokenizer
+from errors import UserError
+
+errors.install()
+
+# -----------------------------------------------------------------------------
+init_from = "resume"  # 'resume' (the checkpoint in out_dir), a gpt2* name, or a local HF folder
+out_dir = "out"
+start = "\n"  # the prompt, or FILE:path to read it from a file
+num_samples = 3
+max_new_tokens = 200
+temperature = 0.8  # 0 = greedy
+top_k = 200  # 0 = off
+top_p = 1.0  # nucleus sampling; 1.0 = off
+seed = 1337
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "float32"  # 'float32', 'bfloat16' or 'float16'
+compile = False
+use_cache = True
+merge_adapters = True  # fold adapters into the weights first: sampling then runs at the base model's speed
+# -----------------------------------------------------------------------------
+config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:])
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+if device.startswith("cuda") and not torch.cuda.is_available():
+    raise UserError(f"--device={device}: CUDA is not available on this machine; use --device=cpu")
+torch.manual_seed(seed)
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+if ptdtype is None:
+    raise UserError(f"--dtype={dtype}: expected float32, bfloat16 or float16")
+ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+model, meta = checkpoint.load_model(out_dir if init_from == "resume" else init_from, device=device)
+if init_from == "resume" and meta is None:
+    raise UserError(f"no checkpoint in {out_dir}; pass --out_dir of a training run or --init_from=<model>")
+if meta is not None and merge_adapters:
+    peft.merge(model)
+if compile:
+    model = torch.compile(model)
+
+if start.startswith("FILE:"):
+    path = start[5:]
+    try:
+        with open(path, encoding="utf-8") as f:
+            start = f.read()
+    except FileNotFoundError:
+        raise UserError(f"--start=FILE:{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--start=FILE:{path}: not UTF-8 text (byte {e.start})") from None
+start_ids = tokenizer.encode(start)
+if not start_ids:
+    raise UserError("--start is empty; give at least one character of prompt")
+if max(start_ids) >= model.config.vocab_size:
+    raise UserError(f"the prompt has token ids up to {max(start_ids)} but the model's vocabulary has {model.config.vocab_size}")
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
+
+with torch.no_grad(), ctx:
+    for k in range(num_samples):
+        t0 = time.time()
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                           top_p=top_p, use_cache=use_cache)
+        dt = time.time() - t0
+        print(tokenizer.decode(y[0].tolist()))
+        print(f"---------------  ({y.size(1) - x.size(1)} tokens in {dt:.2f}s)", file=sys.stderr)

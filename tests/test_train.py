@@ -1,0 +1,143 @@
+"""train.py end to end, as a user runs it: subprocesses on a tiny random GPT-2 and random token shards."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from shards import write_shard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 256
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny random transformers GPT-2 folder, as a user's local base model."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("base")
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=VOCAB,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Token shards with some structure (a noisy repeating pattern) so the loss can fall."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    pattern = rng.integers(0, VOCAB, size=97)
+    tokens = np.tile(pattern, 60)
+    noise = rng.random(tokens.size) < 0.1
+    tokens[noise] = rng.integers(0, VOCAB, size=noise.sum())
+    write_shard(folder / "train.bin", tokens[:5000].astype(np.uint16))
+    write_shard(folder / "val.bin", tokens[5000:].astype(np.uint16))
+    return str(folder)
+
+
+def train(*args, env=None, torchrun=0):
+    cmd = [sys.executable, "train.py"]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "train.py"]
+    return subprocess.run(cmd + ["--device=cpu", "--compile=false", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+
+
+def common(base, data, out_dir, *extra):
+    return (f"--init_from={base}", f"--dataset={data}", f"--out_dir={out_dir}", "--batch_size=4",
+            "--block_size=32", "--eval_interval=4", "--eval_iters=2", "--log_interval=1",
+            "--warmup_iters=2", "--lr_decay_iters=8", "--learning_rate=3e-3", *extra)
+
+
+def step_losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["iter"]: r["train/loss_step"] for r in rows if "train/loss_step" in r}
+
+
+def test_lora_run_saves_an_adapter_only_checkpoint_and_learns(base, data, tmp_path):
+    out = tmp_path / "lora"
+    p = train(*common(base, data, out, "--method=lora", "--targets=lora3", "--max_iters=12", "--eval_interval=12"))
+    assert p.returncode == 0, p.stderr
+    assert "trainable parameters" in p.stdout and "tok/s" in p.stdout and "eta" in p.stdout
+    vals = [json.loads(x)["val/loss"] for x in open(out / "metrics.jsonl") if "val/loss" in x]
+    assert vals[-1] < vals[0]
+    from safetensors import safe_open
+    with safe_open(str(out / "ckpt.safetensors"), "pt") as f:
+        names = [k for k in f.keys() if k.startswith("model.")]
+    assert names and not any("wte" in k or k.endswith("base.weight") for k in names)
+    assert os.path.getsize(out / "ckpt.safetensors") < 200_000  # adapters + their AdamW state
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resume_continues_exactly(base, data, tmp_path, method):
+    """Stopped at iter 4 and resumed == never stopped, dropout on (its RNG is replayed too)."""
+    extra = (f"--method={method}", "--dropout=0.1", "--adapter_dropout=0.1")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    p = train(*common(base, data, straight, *extra, "--max_iters=8"))
+    assert p.returncode == 0, p.stderr
+    p = train(*common(base, data, split, *extra, "--max_iters=4"))
+    assert p.returncode == 0, p.stderr
+    p = train(*common(base, data, split, *extra, "--max_iters=8", "--init_from=resume"))
+    assert p.returncode == 0, p.stderr
+    a, b = step_losses(straight), step_losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert all(a[i] == b[i] for i in range(1, 9)), (a, b)
+
+
+def test_ddp_two_processes_equal_one_process(base, data, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and the same global batch gives the single-process losses."""
+    args = ("--method=lora", "--gradient_accumulation_steps=2", "--max_iters=4")
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = train(*common(base, data, one, *args))
+    assert p.returncode == 0, p.stderr
+    p = train(*common(base, data, two, *args), torchrun=2)
+    assert p.returncode == 0, p.stdout + p.stderr
+    a, b = step_losses(one), step_losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(abs(a[i] - b[i]) < 1e-5 for i in a), (a, b)
+
+
+def test_bad_input_stops_with_one_line(base, data, tmp_path):
+    def fails(*args, message):
+        p = train(*args)
+        assert p.returncode == 2, (args, p.stdout, p.stderr)
+        lines = [line for line in p.stderr.strip().splitlines() if line]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, p.stderr)
+
+    out = tmp_path / "out"
+    fails(*common(base, data, out), "--learning_rat=1", message="did you mean 'learning_rate'")
+    fails(*common(base, data, out), "--max_iters=ten", message="expected an int")
+    fails(*common(base, tmp_path / "nodata", out), message="dataset")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(*common(base, empty, out), message="train.bin")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.bin").write_bytes(b"\x00" * 4096)
+    (bad / "val.bin").write_bytes(b"\x00" * 4096)
+    fails(*common(base, bad, out), message="not a token shard")
+    fails(*common(base, data, out), "--block_size=128", message="larger than the model's 64 positions")
+    fails(*common(tmp_path / "no-such-model", data, out), message="no-such-model")
+    fails(*common(base, data, out), "--device=cuda", message="CUDA is not available")
+    fails(*common(base, data, out), "--init_from=resume", message="no checkpoint")
+    fails(*common(base, data, out), "--method=lorra", message="lora")
+    fails(*common(base, data, out), "--method=lora", "--r=100", message="r=100 is too large")
+    assert not out.exists() or not (out / "ckpt.safetensors").exists()
+
+    # a finished run is never overwritten by a fresh one, nor resumed with other settings
+    done = tmp_path / "done"
+    assert train(*common(base, data, done, "--method=lora", "--max_iters=4")).returncode == 0
+    before = (done / "ckpt.safetensors").read_bytes()
+    fails(*common(base, data, done, "--method=lora", "--max_iters=4"), message="already holds a checkpoint")
+    fails(*common(base, data, done, "--method=dora", "--max_iters=8", "--init_from=resume"), message="holds a lora run")
+    assert (done / "ckpt.safetensors").read_bytes() == before
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    fails(*common(base, data, foreign), message="did not write")

@@ -1,0 +1,409 @@
+"""
+Fine-tune GPT-2, fully or with a PEFT method, on uint16 token shards. One process:
+
+    python train.py config/finetune_shakespeare.py --method=lora --r=8
+
+or several through torchrun (DDP; nccl on CUDA, gloo on CPU):
+
+    torchrun --standalone --nproc_per_node=4 train.py config/finetune_shakespeare.py
+
+Every key below can be set by a config file (plain Python) or --key=value; `--help` lists them.
+Every iteration's randomness (which windows are sampled, dropout) is derived from
+(seed, iteration, micro-step), so `init_from=resume` continues exactly where a run stopped.
+"""
+
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import checkpoint
+import configurator
+import errors
+import peft
+from errors import UserError
+from model import GPTConfig
+from shards import read_shard
+
+errors.install()
+
+# -----------------------------------------------------------------------------
+# default config values
+# I/O
+out_dir = "out"
+overwrite = False  # a fresh run into an out_dir that already holds a checkpoint needs this
+eval_interval = 200
+log_interval = 10
+eval_iters = 50
+eval_only = False  # evaluate the initial model and exit
+always_save_checkpoint = True  # save at every eval (needed for resume); else only on a new best val loss
+init_from = "gpt2"  # 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local HF folder
+# logging
+tensorboard_log = False  # event files in out_dir/tb
+wandb_log = False
+wandb_project = "gpt2-peft"
+wandb_run_name = "run"
+# data
+dataset = "shakespeare"  # a folder under data/, or a path to a folder holding train.bin and val.bin
+batch_size = 8  # micro-batch size
+block_size = 256
+gradient_accumulation_steps = 1  # micro-steps per iteration over all processes
+# model (init_from='scratch' only, except dropout)
+n_layer = 12
+n_head = 12
+n_embd = 768
+vocab_size = 50257
+dropout = 0.0  # residual/attention dropout of the model itself
+bias = True
+# PEFT: these keys map one to one onto peft.PeftConfig fields (see peft/config.py)
+method = "full"  # 'full' or any name in peft.METHODS
+r = 8
+alpha = 16.0
+adapter_dropout = 0.0  # PeftConfig.dropout
+targets = ()  # empty = the method's default targets; e.g. --targets=q,v or --targets=lora3
+use_rslora = False
+adapter_init = "kaiming"  # PeftConfig.init
+oft_block_size = 32
+coft_eps = 0.0
+block_share = False
+ether_nb = 32
+flip_side = False
+quantize = ""  # '' or 'nf4' (QLoRA / QDoRA)
+base_dtype = ""  # '' = float32, or 'bfloat16' to store the frozen base in bf16
+# AdamW optimizer
+learning_rate = 3e-4
+max_iters = 1000
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 disables
+# learning rate schedule: linear warmup, then cosine decay to min_lr
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 1000
+min_lr = 3e-5
+# system
+backend = ""  # DDP backend: '' = nccl on CUDA, gloo on CPU
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "float32"  # 'float32', 'bfloat16' or 'float16' (autocast)
+compile = False
+seed = 1337
+peak_flops = 0.0  # for MFU; 0 = look the device up in a table (measured matmul peak on CPU)
+# -----------------------------------------------------------------------------
+defaults = configurator.defaults_from(globals())
+config = configurator.configure(defaults, sys.argv[1:])
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+# checks that need no model: stop early, before anything is loaded or written
+peft_config = peft.PeftConfig(
+    method=method, r=r, alpha=alpha, dropout=adapter_dropout, targets=tuple(targets) or None,
+    use_rslora=use_rslora, init=adapter_init, oft_block_size=oft_block_size, coft_eps=coft_eps,
+    block_share=block_share, ether_nb=ether_nb, flip_side=flip_side, quantize=quantize or None,
+    base_dtype=base_dtype or None)
+peft_config.validate()
+if dtype not in ("float32", "bfloat16", "float16"):
+    raise UserError(f"--dtype={dtype}: expected float32, bfloat16 or float16")
+device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+if device_type == "cuda" and not torch.cuda.is_available():
+    raise UserError(f"--device={device}: CUDA is not available on this machine; use --device=cpu")
+if device_type == "mps" and not torch.backends.mps.is_available():
+    raise UserError(f"--device={device}: MPS is not available on this machine; use --device=cpu")
+if device_type not in ("cpu", "cuda", "mps"):
+    raise UserError(f"--device={device}: expected cpu, cuda, cuda:N or mps")
+
+# DDP: one process per device, launched by torchrun
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    dist.init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"))
+    ddp_rank = int(os.environ["RANK"])
+    ddp_local_rank = int(os.environ["LOCAL_RANK"])
+    ddp_world_size = int(os.environ["WORLD_SIZE"])
+    if device_type == "cuda":
+        device = f"cuda:{ddp_local_rank}"
+        torch.cuda.set_device(device)
+    master_process = ddp_rank == 0
+    if gradient_accumulation_steps % ddp_world_size:
+        raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {ddp_world_size} processes")
+    accum_per_rank = gradient_accumulation_steps // ddp_world_size
+else:
+    ddp_rank, ddp_world_size, master_process = 0, 1, True
+    accum_per_rank = gradient_accumulation_steps
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if master_process:
+    print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} accum x {batch_size} batch x {block_size} tokens)")
+
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+# data: uint16 token shards; a batch is batch_size random windows of block_size + 1 tokens
+data_dir = dataset if os.path.isdir(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+if not os.path.isdir(data_dir):
+    raise UserError(f"dataset '{dataset}' not found: expected data/{dataset}/ or a folder holding train.bin and val.bin")
+shards = {split: read_shard(os.path.join(data_dir, f"{split}.bin")) for split in ("train", "val")}
+for split, data in shards.items():
+    if len(data) <= block_size + 1:
+        raise UserError(f"{data_dir}/{split}.bin has {len(data)} tokens, fewer than block_size+1={block_size + 1}; lower --block_size or add data")
+
+
+def derived_seed(*keys):
+    """A seed that depends only on (seed, *keys): never on the process, the run or PYTHONHASHSEED."""
+    return int.from_bytes(hashlib.blake2b(repr((seed,) + keys).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def get_batch(split, step, micro):
+    """Batch number `micro` of iteration `step`: the same windows whatever the process count."""
+    data = shards[split]
+    g = torch.Generator().manual_seed(derived_seed(split, step, micro))
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g)
+    x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix.tolist()]).astype(np.int64))  # (B, T)
+    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix.tolist()]).astype(np.int64))  # (B, T)
+    if device_type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# model: the base, then the adapters
+ckpt_path = os.path.join(out_dir, checkpoint.CKPT_NAME)
+iter_num, best_val_loss = 0, float("inf")
+if init_from == "resume":
+    if master_process:
+        print(f"resuming from {out_dir}")
+    tensors, meta = checkpoint.load(out_dir)
+    saved = peft.PeftConfig.from_dict(meta["peft"])
+    if saved != peft_config:
+        diff = {k: (v, getattr(peft_config, k)) for k, v in saved.asdict().items() if v != getattr(peft_config, k)}
+        raise UserError(f"{out_dir} holds a {saved.method} run whose settings differ from this command's "
+                        f"(saved, given: {diff}); pass the same settings or choose another --out_dir")
+    if meta["model_args"]["block_size"] != block_size:
+        raise UserError(f"{out_dir} was trained with block_size={meta['model_args']['block_size']}; resume with --block_size={meta['model_args']['block_size']}")
+    model = checkpoint.restore_model(tensors, meta, dropout)
+    base_identity = meta["base"]
+    iter_num, best_val_loss = meta["iter_num"], meta["best_val_loss"]
+else:
+    if os.path.exists(ckpt_path) and not overwrite:
+        raise UserError(f"{out_dir} already holds a checkpoint; continue it with --init_from=resume, "
+                        f"choose another --out_dir, or replace it with --overwrite=true")
+    if os.path.isdir(out_dir):
+        foreign = [f for f in os.listdir(out_dir) if f not in (checkpoint.CKPT_NAME, "metrics.jsonl", "tb")]
+        if foreign:
+            raise UserError(f"{out_dir} holds files this repo did not write ({', '.join(sorted(foreign)[:3])}); choose another --out_dir")
+    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size, bias=bias)
+    torch.manual_seed(seed)  # the same initial weights (scratch) and adapter init on every process
+    model = checkpoint.build_base(init_from, model_args, dropout)
+    if block_size > model.config.block_size:
+        raise UserError(f"block_size={block_size} is larger than the model's {model.config.block_size} positions; use --block_size={model.config.block_size} or less")
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)
+    base_identity = {"init_from": init_from, "fingerprint": None if init_from == "scratch" else checkpoint.fingerprint(model)}
+    peft.inject(model, peft_config)
+model_args = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")}
+trainable, total = peft.count_parameters(model)
+if master_process:
+    print(f"method {method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
+model.to(device)
+
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if init_from == "resume":
+    checkpoint.load_optimizer(optimizer, tensors, meta["optim_param_groups"])
+    del tensors
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+
+raw_model = model
+if compile:
+    if master_process:
+        print("compiling the model...")
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over the same eval_iters batches every time, split across the processes."""
+    out = {}
+    model.eval()
+    for split in ("train", "val"):
+        total = torch.zeros(2, device=device)  # (sum of losses, count)
+        ks = range(ddp_rank, eval_iters, ddp_world_size)
+        bar = ks
+        if master_process and eval_iters * batch_size * block_size >= 200_000:
+            from tqdm import tqdm
+            bar = tqdm(ks, desc=f"eval {split}", leave=False)
+        for k in bar:
+            X, Y = get_batch(split, -1, k)  # step -1: the fixed evaluation batches
+            with ctx:
+                _, loss = model(X, Y)
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
+        if ddp:
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def device_peak_flops():
+    """Peak dense matmul FLOP/s of this device in the training dtype, for MFU."""
+    if peak_flops:
+        return peak_flops
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "A10": 125e12, "V100": 125e12, "T4": 65e12}
+        peak = next((v for k, v in table.items() if k in name), None)
+        if peak is not None and dtype == "float32":
+            peak /= 2  # TF32 runs at half the bf16 rate on these parts
+        return peak
+    if device_type == "cpu":  # no table can know a CPU: measure a large matmul once
+        a = torch.randn(1024, 1024, dtype=ptdtype)
+        for _ in range(2):
+            a @ a
+        t0 = time.perf_counter()
+        for _ in range(8):
+            a @ a
+        return 8 * 2 * 1024**3 / (time.perf_counter() - t0)
+    return None
+
+
+def save_checkpoint():
+    meta = {"config": config, "peft": peft_config.asdict(), "model_args": model_args, "base": base_identity,
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": iter_num * tokens_per_iter}
+    checkpoint.save(out_dir, raw_model, optimizer, meta)
+
+
+def log_metrics(record):
+    """Append one JSON line to out_dir/metrics.jsonl (and TensorBoard / wandb when switched on)."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+        if key != "iter" and tb_writer is not None:
+            tb_writer.add_scalar(key, value, record["iter"])
+    if wandb_log:
+        wandb.log(record, step=record["iter"])
+
+
+# logging and signals (master only)
+tb_writer = None
+stop_signal = []
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    if init_from != "resume":
+        open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
+    if tensorboard_log:
+        from torch.utils.tensorboard import SummaryWriter
+        tb_writer = SummaryWriter(os.path.join(out_dir, "tb"))
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: stop_signal.append(signum))  # stop after this iteration
+
+# training loop
+peak = device_peak_flops()
+X, Y = get_batch("train", iter_num, ddp_rank * accum_per_rank)
+t_start = t0 = time.time()
+iter_start, running_mfu = iter_num, -1.0
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        t_eval = time.time()
+        losses = estimate_loss()  # the same numbers on every process
+        if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
+            raise UserError(f"the eval loss became {losses['val']} at iter {iter_num}; stopped without saving, so {ckpt_path} "
+                            f"keeps the last good state. Lower --learning_rate or use --dtype=float32")
+        if master_process:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log_metrics({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            if (losses["val"] < best_val_loss or always_save_checkpoint) and not eval_only:
+                best_val_loss = min(best_val_loss, losses["val"])
+                if iter_num > iter_start or iter_num == max_iters:
+                    save_checkpoint()
+                    print(f"saved checkpoint to {ckpt_path}")
+        t0 += time.time() - t_eval  # tokens/s counts training time only
+    if eval_only or iter_num >= max_iters:
+        break
+
+    # forward/backward over accum_per_rank micro-batches; the gradient is their mean
+    torch.manual_seed(derived_seed("dropout", iter_num, ddp_rank))
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum_per_rank):
+        if ddp:  # sync gradients only on the last micro-step
+            model.require_backward_grad_sync = micro == accum_per_rank - 1
+        with ctx:
+            _, loss = model(X, Y)
+            loss = loss / accum_per_rank
+        # prefetch the next batch while the backward runs (async on CUDA)
+        nxt = (iter_num, ddp_rank * accum_per_rank + micro + 1) if micro + 1 < accum_per_rank else (iter_num + 1, ddp_rank * accum_per_rank)
+        X, Y = get_batch("train", *nxt)
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        if ddp:  # the logged loss is the mean over all processes, as a single process would see it
+            dist.all_reduce(loss_sum)  # gloo has no AVG: sum, then divide
+            loss_sum /= ddp_world_size
+        lossf = loss_sum.item()  # one host sync per log line, not per step
+        if not math.isfinite(lossf):
+            raise UserError(f"loss became {lossf} at iter {iter_num}; stopped without saving, so {ckpt_path} keeps the last good state. "
+                            f"Lower --learning_rate or use --dtype=float32")
+        t1 = time.time()
+        dt = (t1 - t0) / log_interval if iter_num - iter_start >= log_interval else (t1 - t0) / (iter_num - iter_start)
+        t0 = t1
+        if master_process:
+            tok_s = tokens_per_iter / dt
+            if peak and iter_num - iter_start >= 2 * log_interval:
+                mfu = raw_model.estimate_mfu(batch_size * accum_per_rank, dt, peak)
+                running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+            eta = (max_iters - iter_num) * (t1 - t_start) / (iter_num - iter_start)
+            mfu_txt = f" | mfu {100 * running_mfu:.1f}%" if running_mfu >= 0 else ""
+            print(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu_txt} | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+            log_metrics({"iter": iter_num, "train/loss_step": lossf, "tok_per_s": tok_s})
+
+    if ddp:  # a signal may reach one process only: stop all of them together
+        flag = torch.tensor([float(len(stop_signal))], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not stop_signal:
+            stop_signal.append("from another process")
+    if stop_signal:
+        if master_process:
+            save_checkpoint()
+            print(f"stopped by signal {stop_signal[0]}; checkpoint saved at iter {iter_num} in {ckpt_path}; continue with --init_from=resume")
+        break
+
+if master_process and tb_writer is not None:
+    tb_writer.close()
+if ddp:
+    dist.destroy_process_group()
