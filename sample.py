@@ -49,9 +49,11 @@ if ptdtype is None:
     raise UserError(f"--dtype={dtype}: expected float32, bfloat16 or float16")
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-model, meta = checkpoint.load_model(out_dir if init_from == "resume" else init_from, device=device)
-if init_from == "resume" and meta is None:
-    raise UserError(f"no checkpoint in {out_dir}; pass --out_dir of a training run or --init_from=<model>")
+if init_from == "resume":
+    tensors, meta = checkpoint.load(out_dir)  # one clear line if out_dir holds no checkpoint
+    model = checkpoint.restore_model(tensors, meta).to(device).eval()
+else:
+    model, meta = checkpoint.load_model(init_from, device=device)
 if meta is not None and merge_adapters:
     peft.merge(model)
 if compile:

@@ -4,40 +4,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from shards import write_shard
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 256
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny random transformers GPT-2 folder, as a user's local base model."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("base")
-    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=VOCAB,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    GPT2LMHeadModel(cfg).save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Token shards with some structure (a noisy repeating pattern) so the loss can fall."""
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    pattern = rng.integers(0, VOCAB, size=97)
-    tokens = np.tile(pattern, 60)
-    noise = rng.random(tokens.size) < 0.1
-    tokens[noise] = rng.integers(0, VOCAB, size=noise.sum())
-    write_shard(folder / "train.bin", tokens[:5000].astype(np.uint16))
-    write_shard(folder / "val.bin", tokens[5000:].astype(np.uint16))
-    return str(folder)
 
 
 def train(*args, env=None, torchrun=0):
