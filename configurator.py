@@ -17,7 +17,10 @@ where `defaults` maps each key to its default value. Arguments are applied left 
   Keys whose default is None accept a Python literal, `None`, or else a string.
 
 Unknown keys, wrong types and broken config files stop with one line (errors.UserError) that
-names the key or the line and says how to fix it.
+names the key or the line and says how to fix it. A script that reads only a few keys of another
+script's config files (push_to_hub.py reads out_dir from a training config) passes
+ignore_unknown_from_files=True: keys it does not know are then skipped in config files, but are
+still an error on the command line, where they can only be typos.
 """
 
 import ast
@@ -97,7 +100,7 @@ def check_type(key, value, default, where):
     return value
 
 
-def _run_config_file(path, config, defaults):
+def _run_config_file(path, config, defaults, ignore_unknown=False):
     if not os.path.isfile(path):
         raise UserError(f"config file '{path}' does not exist (config files are given as paths, e.g. config/finetune_shakespeare.py)")
     with open(path, encoding="utf-8") as f:
@@ -123,6 +126,8 @@ def _run_config_file(path, config, defaults):
         if callable(value) or type(value).__name__ == "module":
             continue  # helper functions and imports inside a config file are fine
         if key not in defaults:
+            if ignore_unknown:
+                continue
             raise _unknown(key, list(defaults), f"in {path}")
         config[key] = check_type(key, value, defaults[key], f"in {path}")
 
@@ -134,15 +139,17 @@ def help_text(defaults):
     return "\n".join(lines)
 
 
-def configure(defaults, argv):
-    """Apply config files and --key=value overrides in order; return the final {key: value}."""
+def configure(defaults, argv, ignore_unknown_from_files=False):
+    """Apply config files and --key=value overrides in order; return the final {key: value}.
+
+    ignore_unknown_from_files: skip unknown keys set by config files (not on the command line)."""
     config = dict(defaults)
     for arg in argv:
         if arg in ("-h", "--help"):
             print(help_text(defaults))
             raise SystemExit(0)
         if not arg.startswith("--"):
-            _run_config_file(arg, config, defaults)
+            _run_config_file(arg, config, defaults, ignore_unknown_from_files)
             continue
         if "=" not in arg:
             raise UserError(f"'{arg}': write overrides as --key=value")
