@@ -1,7 +1,7 @@
 """
 Rebuild the small base model bundled in models/gpt2-milton/ (the offline quickstart's starting point):
 GPT-2 architecture and the real GPT-2 tokenizer, pretrained from scratch by this repo on the bundled
-Milton corpus. One command, about 20 minutes on 2 CPU cores:
+Milton corpus. One command, about 10 minutes on 2 CPU cores:
 
     python make_base.py
 
@@ -34,9 +34,12 @@ globals().update(config)
 
 root = os.path.dirname(os.path.abspath(__file__))
 subprocess.run([sys.executable, os.path.join(root, "data", "milton", "prepare.py")], check=True)
-if overwrite or not os.path.exists(os.path.join(out_dir, checkpoint.CKPT_NAME)):
-    cmd = [sys.executable, os.path.join(root, "train.py"), train_config, f"--out_dir={out_dir}"]
+cmd = [sys.executable, os.path.join(root, "train.py"), train_config, f"--out_dir={out_dir}"]
+ckpt = os.path.join(out_dir, checkpoint.CKPT_NAME)
+if overwrite or not os.path.exists(ckpt):
     subprocess.run(cmd + (["--overwrite=true"] if overwrite else []), check=True)
+else:  # an earlier run: continue it if it stopped early (train.py says so and exits if it is finished)
+    subprocess.run(cmd + ["--init_from=resume"], check=True)
 
 model, meta = checkpoint.load_model(out_dir)
 peft.merge(model)  # method='full': nothing to merge, but it keeps this script right for any method

@@ -65,7 +65,7 @@ n_embd = 768
 vocab_size = 50257
 dropout = 0.0  # residual/attention dropout of the model itself
 bias = True
-# PEFT: these keys map one to one onto peft.PeftConfig fields (see peft/config.py)
+# PEFT: these keys map one to one onto peft.PeftConfig fields (peft/config.py: TRAIN_KEYS)
 method = "full"  # 'full' or any name in peft.METHODS
 r = 8
 alpha = 16.0
@@ -106,12 +106,7 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 
 # checks that need no model: stop early, before anything is loaded or written
-peft_config = peft.PeftConfig(
-    method=method, r=r, alpha=alpha, dropout=adapter_dropout, targets=tuple(targets) or None,
-    use_rslora=use_rslora, init=adapter_init, oft_block_size=oft_block_size, coft_eps=coft_eps,
-    block_share=block_share, ether_nb=ether_nb, flip_side=flip_side, quantize=quantize or None,
-    base_dtype=base_dtype or None)
-peft_config.validate()
+peft_config = peft.PeftConfig.from_train_config(config)  # validates: unknown method, bad rank, ...
 if dtype not in ("float32", "bfloat16", "float16"):
     raise UserError(f"--dtype={dtype}: expected float32, bfloat16 or float16")
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
@@ -192,6 +187,8 @@ if init_from == "resume":
     model = checkpoint.restore_model(tensors, meta, dropout)
     base_identity = meta["base"]
     iter_num, best_val_loss = meta["iter_num"], meta["best_val_loss"]
+    if iter_num >= max_iters and master_process:
+        print(f"the checkpoint is at iter {iter_num}, max_iters is {max_iters}: nothing left to train (raise --max_iters to continue)")
 else:
     if os.path.exists(ckpt_path) and not overwrite:
         raise UserError(f"{out_dir} already holds a checkpoint; continue it with --init_from=resume, "
@@ -390,7 +387,10 @@ while True:
             eta = (max_iters - iter_num) * (t1 - t_start) / (iter_num - iter_start)
             mfu_txt = f" | mfu {100 * running_mfu:.1f}%" if running_mfu >= 0 else ""
             print(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu_txt} | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
-            log_metrics({"iter": iter_num, "train/loss_step": lossf, "tok_per_s": tok_s})
+            record = {"iter": iter_num, "train/loss_step": lossf, "tok_per_s": tok_s}
+            if device_type == "cuda":
+                record["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            log_metrics(record)
 
     if ddp:  # a signal may reach one process only: stop all of them together
         flag = torch.tensor([float(len(stop_signal))], device=device)

@@ -69,6 +69,13 @@ DEFAULT_TARGETS = {
     "etherplus": ("q", "v"),
     "etherplusHH": ("q", "v"),
 }
+# train.py's keys for the PeftConfig fields: the same names, except two that would clash with
+# train.py's own `dropout` (the model's) and `init_from`. '' on the command line means None.
+TRAIN_KEYS = {"method": "method", "r": "r", "alpha": "alpha", "adapter_dropout": "dropout",
+              "targets": "targets", "use_rslora": "use_rslora", "adapter_init": "init",
+              "oft_block_size": "oft_block_size", "coft_eps": "coft_eps", "block_share": "block_share",
+              "ether_nb": "ether_nb", "flip_side": "flip_side", "quantize": "quantize",
+              "base_dtype": "base_dtype"}
 INITS = ("kaiming", "gaussian")
 QUANTIZE = (None, "nf4")
 BASE_DTYPES = (None, "float32", "bfloat16", "float16")
@@ -100,6 +107,11 @@ class PeftConfig:
         if self.targets == ():
             self.targets = None
         self.validate()
+
+    @classmethod
+    def from_train_config(cls, config):
+        """The PeftConfig of a train.py config ({train.py key: value}, see TRAIN_KEYS)."""
+        return cls(**{field: (None if config[key] == "" else config[key]) for key, field in TRAIN_KEYS.items()})
 
     def validate(self):
         """Raise UserError (one line) for any setting that cannot work."""
@@ -173,3 +185,12 @@ class PeftConfig:
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise UserError(f"unknown PeftConfig key '{key}'{hint}; known keys: {', '.join(fields)}")
         return cls(**d)
+
+
+def fields_used(method):
+    """The PeftConfig fields `method` reads (its layer class's config_fields, + quantize if supported)."""
+    from peft import METHODS
+    cls = METHODS[method]
+    if cls is None:
+        return ()
+    return cls.config_fields + (("quantize",) if cls.supports_quantize else ())

@@ -70,6 +70,7 @@ class ETHERLinear(nn.Module):
     """ETHER: blockdiag(I - 2ûûᵀ) on one side (see the module docstring). Owns the frozen base."""
 
     supports_quantize = False
+    config_fields = ("ether_nb", "flip_side", "dropout", "targets", "base_dtype")  # the PeftConfig fields this method reads
     vectors = ("u",)  # trainable vectors per block; ETHER+ has ("u", "v")
 
     def __init__(self, base, cfg, slices=None):

@@ -45,6 +45,7 @@ class IA3Linear(nn.Module):
     module docstring. feedforward=None: input scaling iff the layer narrows (in > out). Owns the base."""
 
     supports_quantize = True
+    config_fields = ("targets", "base_dtype")  # the PeftConfig fields IA3 reads (no dropout, as in the paper and HF peft)
 
     def __init__(self, base, cfg, slices=None, feedforward=None):
         super().__init__()

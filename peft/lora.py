@@ -56,6 +56,7 @@ class LoRALinear(nn.Module):
     """y = base(x) + s · (dropout(x) Aᵀ) Bᵀ  — see the module docstring. Owns the frozen base."""
 
     supports_quantize = True
+    config_fields = ("r", "alpha", "dropout", "use_rslora", "init", "targets", "base_dtype")  # the PeftConfig fields this method reads
     factors = None  # OLoRA / PiSSA: a function (W [out, in], r, s) -> (A₀ [r, in], B₀ [out, r])
 
     def __init__(self, base, cfg, slices=None):
@@ -178,6 +179,7 @@ class OLoRALinear(LoRALinear):
     See the module docstring (buffers lora_A0, lora_B0; rebase on load; no nf4)."""
 
     supports_quantize = False
+    config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype")  # as LoRA, but A, B come from a QR: no init
     factors = staticmethod(olora_factors)
 
 
@@ -186,4 +188,5 @@ class PiSSALinear(LoRALinear):
     See the module docstring (buffers lora_A0, lora_B0; rebase on load; no nf4)."""
 
     supports_quantize = False
+    config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype")  # as LoRA, but A, B come from an SVD: no init
     factors = staticmethod(pissa_factors)

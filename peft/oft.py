@@ -59,6 +59,7 @@ class OFTLinear(nn.Module):
     """y = base(x R), R = blockdiag((I + S_i)(I - S_i)⁻¹) — see the module docstring. Owns the frozen base."""
 
     supports_quantize = True
+    config_fields = ("oft_block_size", "coft_eps", "block_share", "dropout", "targets", "base_dtype")  # the PeftConfig fields this method reads
 
     def __init__(self, base, cfg, slices=None):
         super().__init__()

@@ -1,0 +1,765 @@
+"""
+Compare fine-tuning methods: one command trains a grid of methods on the same data, seed, token
+budget and learning-rate schedule, then writes the results table and draws the figures.
+
+    python compare.py config/compare_default.py                      # the offline default, ~20-25 min on 2 CPU cores
+    python compare.py config/compare_default.py --assets_dir=assets  # also put the figures in assets/ (README)
+    python compare.py config/compare_default.py --plot_only=true     # redraw from results.json
+    python compare.py config/compare_default.py --dry_run=true       # check the grid, print the commands
+    python compare.py config/compare_default.py --device=cuda --out_dir=out-compare-gpu \
+        --assets_dir=assets --assets_name=compare_gpu                # the same grid on a GPU
+    tensorboard --logdir out-compare                                 # every run's curves
+
+A grid config is plain Python (see config/compare_default.py) that sets
+    base_config  the train.py config every run starts from (base model, data, model size)
+    common       {train.py key: value} for every run: the token budget, schedule, seed, evals
+    runs         [(name, {train.py key: value}), ...]: each run's method and its settings
+Each run is `python train.py <base_config> --key=value ...` in its own process, so its peak memory
+and time are its own. A run may set only its method's settings (the PEFT keys its method uses,
+e.g. r for lora, oft_block_size for oft) and optimizer keys such as its paper's learning_rate,
+never the data, budget or schedule, so the runs stay comparable. The PEFT keys of base_config do
+not carry over: each run's method settings are exactly its entry (train.py's defaults otherwise).
+A run that sets learning_rate but not min_lr gets min_lr scaled by the same factor, so every run
+follows the same schedule shape.
+
+Output folder (out_dir):
+    grid.json           the grid's identity (fingerprints) and each run's measured segments
+    results.json        per run: method, settings, train.py command, trainable parameters (count
+                        and % of the base), loss curves, final val loss and perplexity, peak
+                        memory, wall time, tokens/s; plus the device and this command
+    results.csv         the same numbers, one row per run (results_curves.csv: the curves, long form)
+    results.md          the table as Markdown, for the README (with --assets_dir: <assets_name>_results.md)
+    compare_curves.png  training and validation loss of every run
+    compare_params.png  trainable parameters vs final validation loss
+    compare_cost.png    peak memory, wall time and throughput per run
+    <run>/              train.py's out_dir: ckpt.safetensors, metrics.jsonl, tb/ (TensorBoard)
+    logs/<run>.log      the run's console output
+
+Resume: a run whose checkpoint reached max_iters is skipped, a half-finished one continues with
+--init_from=resume, a run without a checkpoint starts over. Ctrl-C stops the current run at the
+end of its iteration (train.py saves it); the same command later continues the grid.
+
+Peak memory is the run's process peak resident set size (ru_maxrss from os.wait4: the Python
+interpreter, torch and the model, activations and optimizer state), or on CUDA the peak of
+torch.cuda.max_memory_allocated when train.py logs it as `cuda_peak_mb` in metrics.jsonl.
+Wall time covers the whole process (start-up, model load, evals, checkpoints); tokens/s is the
+median of train.py's training throughput (evals excluded).
+"""
+
+import ast
+import csv
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import checkpoint
+import configurator
+import errors
+import peft
+from errors import UserError
+from peft.config import TRAIN_KEYS, fields_used
+
+errors.install()
+
+# -----------------------------------------------------------------------------
+# default config values; the grid itself (base_config, common, runs) comes from a grid config file
+base_config = ""  # the train.py config file every run starts from
+out_dir = "out-compare"  # the grid's output folder: one sub-folder per run, results, figures
+assets_dir = ""  # also put the figures and the table here (e.g. 'assets' for the README)
+assets_name = "compare"  # their names there: <assets_name>_curves.png, ..._params.png, ..._cost.png, ..._results.md
+device = ""  # '' = as base_config and common say; e.g. 'cuda' runs every run on the GPU
+max_runs = 0  # stop after training this many runs (finished runs that are skipped do not count); 0 = all
+plot_only = False  # redraw the figures and tables from out_dir/results.json, train nothing
+dry_run = False  # check the grid and print each run's train.py command, train nothing
+runs = ()  # [(name, {train.py key: value}), ...]
+# -----------------------------------------------------------------------------
+defaults = configurator.defaults_from(globals())
+common = {}  # {train.py key: value} for every run (a dict, so added here: defaults_from keeps simple types)
+defaults["common"] = common
+config = configurator.configure(defaults, sys.argv[1:])
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+FIGURES = ("compare_curves.png", "compare_params.png", "compare_cost.png")
+
+# what else a run may set on its own: the optimizer (e.g. its paper's learning rate)
+OPTIMIZER_KEYS = ("learning_rate", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip")
+# compare.py sets these for every run itself
+RESERVED_KEYS = ("out_dir", "overwrite", "eval_only", "tensorboard_log", "always_save_checkpoint", "wandb_run_name")
+
+
+def fail_in(where, message):
+    return UserError(f"{where}: {message}")
+
+
+def jsonable(value):
+    """JSON-ready copy: tuples become lists (so a grid hashes the same whether read back or not)."""
+    return json.loads(json.dumps(value))
+
+
+def sha(obj):
+    return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_json(path, obj):
+    """Atomic: a reader (or a killed writer) never leaves half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}); delete it or choose another --out_dir") from None
+
+
+# -----------------------------------------------------------------------------
+# the grid: checks that need no training
+
+
+def check_runs():
+    """[(name, settings)] from the config's `runs`, with one clear error for each kind of mistake."""
+    if not runs:
+        raise UserError("no runs: pass a grid config, e.g. python compare.py config/compare_default.py")
+    if not isinstance(common, dict):
+        raise UserError(f"common is {common!r}; it must be a dict, e.g. --common=\"{{'max_iters': 50, 'seed': 1}}\"")
+    grid, seen = [], set()
+    for i, entry in enumerate(runs):
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], dict)):
+            raise UserError(f"runs[{i}] is {entry!r}; each run is (name, {{train.py key: value}}), "
+                            f"e.g. (\"lora1\", {{\"method\": \"lora\", \"targets\": (\"lora1\",)}})")
+        name, settings = entry
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_+-]*", name) or name == "logs":
+            raise UserError(f"run name '{name}' cannot name a run folder; use letters, digits, _ + and - (and not 'logs')")
+        if name in seen:
+            raise UserError(f"two runs are named '{name}'; give every run its own name")
+        seen.add(name)
+        where = f"run '{name}'"
+        if "method" not in settings:
+            raise fail_in(where, f"no method; add \"method\": one of {', '.join(peft.METHODS)}")
+        method = settings["method"]
+        if not isinstance(method, str):
+            raise fail_in(where, f"method {method!r} must be a string, one of {', '.join(peft.METHODS)}")
+        try:
+            peft.PeftConfig(method=method)  # an unknown method names the close match
+        except UserError as e:
+            raise fail_in(where, str(e)) from None
+        used = fields_used(method)
+        for key in settings:
+            field = TRAIN_KEYS.get(key)
+            if key == "method" or field is None:
+                continue
+            if field not in used:
+                usable = [k for k, f in TRAIN_KEYS.items() if f in used]
+                hint = (f"method '{method}' uses {', '.join(usable)}" if usable else f"method '{method}' has no adapter settings")
+                raise fail_in(where, f"{key} does not apply to method '{method}' ({hint}); drop it or pick a method that uses it")
+        grid.append((name, dict(settings)))
+    for key in common:
+        if key in TRAIN_KEYS:
+            raise UserError(f"common sets {key}, a method setting; set it in each run's entry instead")
+        if key in RESERVED_KEYS:
+            raise UserError(f"common sets {key}, which compare.py sets for every run itself; drop it")
+    return grid
+
+
+def fingerprints(grid):
+    """What makes results comparable: base config (path and text), common settings and device
+    for the whole grid, and each run's own settings."""
+    if not os.path.isfile(base_config):
+        raise UserError(f"base_config '{base_config}' does not exist; set it to a train.py config, e.g. config/quickstart.py")
+    with open(base_config, "rb") as f:
+        text = f.read()
+    shared = {"base_config": base_config, "base_config_sha256": hashlib.sha256(text).hexdigest()[:16],
+              "common": jsonable(common), "device": device}
+    return sha(shared), shared, {name: sha(settings) for name, settings in grid}
+
+
+def check_out_dir(grid):
+    """The grid.json this run continues, or a new one; an out_dir holding another grid is an error."""
+    grid_fp, shared, run_fps = fingerprints(grid)
+    path = os.path.join(out_dir, "grid.json")
+    if os.path.isfile(path):
+        state = read_json(path)
+        if state.get("fingerprint") != grid_fp:
+            old = state.get("shared", {})
+            diff = [k for k in shared if old.get(k) != shared[k]]
+            raise UserError(f"{out_dir} holds the results of a different grid ({', '.join(diff) or 'other settings'} differ); "
+                            f"choose another --out_dir, or delete {out_dir} to start over")
+        for name, fp in run_fps.items():
+            old = state["runs"].get(name)
+            if old is not None and old["fingerprint"] != fp and os.path.exists(os.path.join(out_dir, name, checkpoint.CKPT_NAME)):
+                raise UserError(f"run '{name}' in {out_dir} was trained with other settings ({old['settings']}); "
+                                f"delete {os.path.join(out_dir, name)} to retrain it, or choose another --out_dir")
+    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise UserError(f"{out_dir} exists but holds no grid.json, so it is not a compare.py output folder; choose another --out_dir")
+    else:
+        state = {"fingerprint": grid_fp, "shared": shared, "runs": {}}
+    for name, settings in grid:
+        old = state["runs"].get(name)
+        if old is None or old["fingerprint"] != run_fps[name]:
+            state["runs"][name] = {"fingerprint": run_fps[name], "settings": jsonable(settings), "segments": [], "params": None}
+    return state
+
+
+def train_defaults():
+    """train.py's keys and defaults, read from `train.py --help` (its public interface), and the
+    peak RSS of that process: Python and torch loaded, no model (the memory figure's baseline)."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--help"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    p.stdout.close()
+    if p.returncode != 0:
+        raise UserError(f"`python train.py --help` failed (exit {p.returncode}): {out.strip().splitlines()[-1:]}")
+    keys = {}
+    for line in out.splitlines():
+        m = re.match(r"\s+--(\w+)\s*= (.*)$", line)
+        if m:
+            keys[m.group(1)] = ast.literal_eval(m.group(2))
+    missing = [k for k in list(TRAIN_KEYS) + list(OPTIMIZER_KEYS) + list(RESERVED_KEYS) if k not in keys]
+    if missing:
+        raise RuntimeError(f"train.py has no key(s) {', '.join(missing)}; compare.py and train.py disagree")
+    return keys, maxrss_mb(usage)
+
+
+def maxrss_mb(usage):
+    return usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+
+
+def arg(value):
+    """A value as train.py's --key=value text (configurator.convert reads it back)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def set_key(cfg, keys, key, value, where):
+    if key not in keys:
+        close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else "; `python train.py --help` lists the keys"
+        raise fail_in(where, f"unknown train.py key '{key}'{hint}")
+    cfg[key] = configurator.check_type(key, value, keys[key], f"in {where}")
+
+
+def resolve(grid, keys):
+    """Each run's complete train.py config and the command line that gives exactly it."""
+    base = configurator.configure(keys, [base_config])
+    shared = dict(base)
+    for key in TRAIN_KEYS:  # method settings come from each run's entry, not from base_config
+        shared[key] = keys[key]
+    for key, value in common.items():
+        set_key(shared, keys, key, value, "common")
+    if device:
+        shared["device"] = device
+    if shared["init_from"] == "resume":
+        raise UserError(f"init_from='resume' (from {base_config} or common): compare.py resumes unfinished runs by itself; "
+                        f"set init_from to the base model, e.g. gpt2 or models/gpt2-milton")
+    plans = []
+    for name, settings in grid:
+        where = f"run '{name}'"
+        cfg = dict(shared)
+        for key, value in settings.items():
+            if key in keys and key not in TRAIN_KEYS and key not in OPTIMIZER_KEYS:
+                raise fail_in(where, f"{key} must be the same for every run (same data, budget, schedule and evals); "
+                                     f"set it in common: a run sets only its method's settings and {', '.join(OPTIMIZER_KEYS)}")
+            set_key(cfg, keys, key, value, where)
+        if "learning_rate" in settings and "min_lr" not in settings:
+            cfg["min_lr"] = float(f"{cfg['learning_rate'] * shared['min_lr'] / shared['learning_rate']:.12g}")
+        try:
+            peft.PeftConfig.from_train_config(cfg)
+        except UserError as e:
+            raise fail_in(where, str(e)) from None
+        cfg["out_dir"] = os.path.join(out_dir, name)
+        cfg["tensorboard_log"] = True
+        cfg["always_save_checkpoint"] = True  # a checkpoint at every eval: the run can resume
+        if cfg["wandb_log"]:
+            cfg["wandb_run_name"] = name
+        args = [base_config] + [f"--{k}={arg(v)}" for k, v in cfg.items() if v != base[k]]
+        if configurator.configure(keys, args) != cfg:  # the command line must give exactly this config
+            raise RuntimeError(f"run '{name}': the train.py arguments {args} do not reproduce its config")
+        plans.append({"name": name, "settings": settings, "config": cfg, "args": args})
+    return plans
+
+
+# -----------------------------------------------------------------------------
+# running: one train.py process per run
+
+stop = []  # signals received: stop after the current run
+child = None  # the running train.py
+
+
+def on_signal(signum, frame):
+    """Ctrl-C / SIGTERM: pass it on to train.py, which saves a checkpoint and exits; then stop."""
+    stop.append(signum)
+    if child is not None:
+        try:
+            os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def run_train(plan, resume):
+    """Run train.py for one run; return (exit code, wall s, peak RSS MB, console output)."""
+    global child
+    name, cfg = plan["name"], plan["config"]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + plan["args"] + (["--init_from=resume"] if resume else [])
+    os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
+    lines = []
+    with open(os.path.join(out_dir, "logs", f"{name}.log"), "a" if resume else "w", buffering=1) as log:  # line by line
+        log.write(f"$ {shlex.join(cmd)}\n")
+        t0 = time.perf_counter()
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        for line in child.stdout:  # the run's output, live and into its log
+            sys.stdout.write(line)
+            log.write(line)
+            lines.append(line)
+        _, status, usage = os.wait4(child.pid, 0)  # its own rusage: ru_maxrss is this process's peak
+        wall = time.perf_counter() - t0
+        child.returncode = os.waitstatus_to_exitcode(status)
+        child.stdout.close()
+    rc, child = child.returncode, None
+    return rc, wall, maxrss_mb(usage), "".join(lines)
+
+
+def run_status(plan):
+    """'done', 'resume' (a checkpoint short of max_iters) or 'fresh'."""
+    path = os.path.join(plan["config"]["out_dir"], checkpoint.CKPT_NAME)
+    if not os.path.isfile(path):
+        return "fresh", 0
+    it = checkpoint.read_meta(path)["iter_num"]
+    return ("done" if it >= plan["config"]["max_iters"] else "resume"), it
+
+
+def start_fresh(plan, record):
+    """A run without a checkpoint starts over: drop the curves and event files of an earlier start."""
+    run_dir = plan["config"]["out_dir"]
+    if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        os.remove(os.path.join(run_dir, "metrics.jsonl"))
+    tb = os.path.join(run_dir, "tb")
+    for name in os.listdir(tb) if os.path.isdir(tb) else ():  # train.py's event files; never a recursive delete
+        if name.startswith("events.out.tfevents."):
+            os.remove(os.path.join(tb, name))
+    record["segments"], record["params"] = [], None
+
+
+def train_grid(plans, state):
+    """Train every unfinished run in grid order. Returns a line saying why it stopped early, or None."""
+    grid_json = os.path.join(out_dir, "grid.json")
+    trained = 0
+    for i, plan in enumerate(plans):
+        name, cfg = plan["name"], plan["config"]
+        record = state["runs"][name]
+        status, it = run_status(plan)
+        if status == "done":
+            print(f"[{i + 1}/{len(plans)}] {name}: finished earlier ({it} iters), skipped")
+            continue
+        if stop:
+            return "interrupted"
+        if max_runs and trained >= max_runs:
+            return f"stopped after max_runs={max_runs}"
+        if status == "fresh":
+            start_fresh(plan, record)
+        what = f"resuming at iter {it}" if status == "resume" else "training"
+        print(f"[{i + 1}/{len(plans)}] {name}: {what} (method {cfg['method']}, learning_rate {cfg['learning_rate']:g})")
+        rc, wall, rss, output = run_train(plan, resume=status == "resume")
+        end_status, end_it = run_status(plan)
+        record["segments"].append({"from_iter": it, "to_iter": end_it, "wall_s": round(wall, 2),
+                                   "peak_rss_mb": round(rss, 1), "exit_code": rc})
+        m = re.search(r"method \S+: ([\d,]+) trainable parameters of ([\d,]+)", output)
+        if m:
+            record["params"] = {"trainable": int(m.group(1).replace(",", "")), "total": int(m.group(2).replace(",", ""))}
+        write_json(grid_json, state)
+        trained += 1
+        log = os.path.join(out_dir, "logs", f"{name}.log")
+        if stop:
+            return "interrupted"
+        if rc == 2:
+            msg = next((ln[len("error: "):] for ln in reversed(output.splitlines()) if ln.startswith("error: ")), "see its log")
+            raise UserError(f"run '{name}' stopped: {msg} (its output: {log})")
+        if rc != 0 or end_status != "done":
+            print(f"error: run '{name}' crashed (exit code {rc}); its output is above and in {log}", file=sys.stderr)
+            sys.exit(1)
+    return None
+
+
+# -----------------------------------------------------------------------------
+# results: from each run's metrics.jsonl and its measured segments
+
+
+def read_metrics(path):
+    """(evals {iter: row}, steps {iter: row}); a resumed run repeats some iters: the last row wins."""
+    evals, steps = {}, {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if "val/loss" in row:
+                evals[row["iter"]] = row
+            if "train/loss_step" in row:
+                steps[row["iter"]] = row
+    return dict(sorted(evals.items())), dict(sorted(steps.items()))
+
+
+def device_name(cfg):
+    if cfg["device"].startswith("cuda"):
+        import torch
+        return f"GPU: {torch.cuda.get_device_name(cfg['device'])}"
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU: {model or 'unknown model'}, {cores} cores"
+
+
+def collect(plans, state, baseline_mb):
+    rows, missing = [], []
+    for plan in plans:
+        name, cfg = plan["name"], plan["config"]
+        record = state["runs"][name]
+        if run_status(plan)[0] != "done":
+            missing.append(name)
+            continue
+        evals, steps = read_metrics(os.path.join(cfg["out_dir"], "metrics.jsonl"))
+        last = evals[max(evals)]
+        segs = record["segments"]
+        cuda_peak = [r["cuda_peak_mb"] for r in list(evals.values()) + list(steps.values()) if "cuda_peak_mb" in r]
+        params = record["params"] or {}
+        trainable, total = params.get("trainable"), params.get("total")
+        base_params = None if total is None else (total if cfg["method"] == "full" else total - trainable)
+        tok_s = [r["tok_per_s"] for r in steps.values() if "tok_per_s" in r]
+        rows.append({
+            "name": name, "method": cfg["method"], "quantize": cfg["quantize"] or None, "settings": jsonable(plan["settings"]),
+            "learning_rate": cfg["learning_rate"],
+            "command": shlex.join(["python", "train.py"] + plan["args"]),
+            "trainable_params": trainable, "total_params": total, "base_params": base_params,
+            "trainable_pct": None if trainable is None else round(100 * trainable / base_params, 4),
+            "final_val_loss": round(last["val/loss"], 4), "final_val_ppl": round(math.exp(last["val/loss"]), 2),
+            "final_train_loss": round(last["train/loss"], 4),
+            "best_val_loss": round(min(r["val/loss"] for r in evals.values()), 4),
+            "peak_mem_mb": round(max(cuda_peak), 1) if cuda_peak else (max(s["peak_rss_mb"] for s in segs) if segs else None),
+            "peak_mem_kind": "cuda_max_allocated" if cuda_peak else "process_peak_rss",
+            "peak_rss_mb": max(s["peak_rss_mb"] for s in segs) if segs else None,
+            "wall_s": round(sum(s["wall_s"] for s in segs), 1) if segs else None,
+            "tok_per_s": round(statistics.median(tok_s), 1) if tok_s else None,
+            "segments": len(segs),
+            "curve": {"iter": list(evals), "train_loss": [r["train/loss"] for r in evals.values()],
+                      "val_loss": [r["val/loss"] for r in evals.values()]},
+            "steps": {"iter": list(steps), "loss": [r["train/loss_step"] for r in steps.values()]},
+        })
+    cfg = plans[0]["config"]
+    tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
+    return {
+        "command": shlex.join(["python", "compare.py"] + sys.argv[1:]),
+        "device": device_name(cfg),
+        "fingerprint": state["fingerprint"], "grid": state["shared"],
+        "budget": {"max_iters": cfg["max_iters"], "tokens_per_iter": tokens_per_iter,
+                   "tokens": cfg["max_iters"] * tokens_per_iter, "seed": cfg["seed"], "dataset": cfg["dataset"],
+                   "init_from": cfg["init_from"], "block_size": cfg["block_size"], "batch_size": cfg["batch_size"]},
+        "rss_baseline_mb": round(baseline_mb, 1),
+        "runs": rows, "missing": missing,
+    }
+
+
+CSV_FIELDS = ("name", "method", "quantize", "settings", "learning_rate", "trainable_params", "trainable_pct", "final_val_loss",
+              "final_val_ppl", "best_val_loss", "final_train_loss", "peak_mem_mb", "peak_mem_kind", "wall_s", "tok_per_s")
+
+
+def fmt_int(n):
+    return "n/a" if n is None else f"{n:,}"
+
+
+def fmt(x, spec):
+    return "n/a" if x is None else format(x, spec)
+
+
+def write_tables(results):
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for r in results["runs"]:
+            w.writerow([json.dumps(r.get(k), sort_keys=True) if k == "settings" else r.get(k) for k in CSV_FIELDS])
+    with open(os.path.join(out_dir, "results_curves.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("name", "iter", "train_loss", "val_loss"))
+        for r in results["runs"]:
+            c = r["curve"]
+            for it, tr, va in zip(c["iter"], c["train_loss"], c["val_loss"]):
+                w.writerow((r["name"], it, tr, va))
+    b = results["budget"]
+    mem = "peak CUDA memory" if any(r["peak_mem_kind"] == "cuda_max_allocated" for r in results["runs"]) else "peak RSS"
+    lines = [f"Device: {results['device']}. Every run: {b['tokens']:,} tokens ({b['max_iters']} iters x "
+             f"{b['tokens_per_iter']:,}), seed {b['seed']}, data `{b['dataset']}`, base `{b['init_from']}`.",
+             "", f"`{results['command']}`", "",
+             f"| run | method | trainable params | % of base | val loss | val ppl | {mem} (MB) | wall time (s) | tokens/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results["runs"]:
+        method = r["method"] + (f" + {r['quantize']}" if r.get("quantize") else "")
+        lines.append(f"| {r['name']} | {method} | {fmt_int(r['trainable_params'])} | {fmt(r['trainable_pct'], '.3f')} | "
+                     f"{r['final_val_loss']:.4f} | {r['final_val_ppl']:.2f} | {fmt(r['peak_mem_mb'], ',.0f')} | "
+                     f"{fmt(r['wall_s'], '.0f')}{f' ({n} parts)' if (n := r.get('segments', 1)) > 1 else ''} | "
+                     f"{fmt(r['tok_per_s'], ',.0f')} |")
+    if mem == "peak RSS" and results.get("rss_baseline_mb"):
+        lines += ["", f"Peak RSS is the whole training process; Python and torch alone take {results['rss_baseline_mb']:,.0f} MB. "
+                      f"Wall time includes start-up, evals and checkpoints; a run resumed in n parts starts up n times."]
+    if results["missing"]:
+        lines += ["", f"Not finished yet: {', '.join(results['missing'])}."]
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# figures (matplotlib, no display needed)
+
+
+def colors(n):
+    import matplotlib
+    cmap = matplotlib.colormaps["tab20" if n > 10 else "tab10"]
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2)) if n > 10 else list(range(10))  # strong colors first
+    return [cmap(order[i % len(order)]) for i in range(n)]
+
+
+def subtitle(results):
+    b = results["budget"]
+    name = lambda path: os.path.basename(str(path).rstrip("/"))  # noqa: E731
+    return (f"{b['tokens']:,} tokens per run ({b['max_iters']} iters), seed {b['seed']}, data {name(b['dataset'])}, "
+            f"base {name(b['init_from'])}\n{results['device']}")
+
+
+def ema(values, smoothing=0.6):
+    """TensorBoard's smoothing: s_t = smoothing * s_{t-1} + (1 - smoothing) * x_t, debiased."""
+    out, s = [], 0.0
+    for t, x in enumerate(values):
+        s = smoothing * s + (1 - smoothing) * x
+        out.append(s / (1 - smoothing ** (t + 1)))
+    return out
+
+
+def plot_curves(results, runs_, cols, path):
+    import matplotlib.pyplot as plt
+    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(13, 5.2), layout="constrained")
+    styles = ("-", "--", "-.", ":")
+    for k, (r, c) in enumerate(zip(runs_, cols)):
+        ls = styles[(k // 10) % len(styles)]
+        ax_t.plot(r["steps"]["iter"], ema(r["steps"]["loss"]), color=c, lw=1.3, ls=ls, label=r["name"])
+        ax_v.plot(r["curve"]["iter"], r["curve"]["val_loss"], color=c, lw=1.6, ls=ls, marker="o", ms=3.5)
+    ax_t.set_title("training loss (logged steps, smoothed: EMA 0.6)")
+    ax_v.set_title("validation loss (per eval)")
+    for ax in (ax_t, ax_v):
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("cross-entropy loss (nats / token)")
+        ax.grid(alpha=0.3)
+    # the runs end close together: zoom on the second half when the first drop dwarfs their spread
+    finals = [r["curve"]["val_loss"][-1] for r in runs_]
+    lo, hi = ax_v.get_ylim()
+    last = max(r["curve"]["iter"][-1] for r in runs_)
+    if len(runs_) > 1 and max(finals) - min(finals) < 0.25 * (hi - lo) and last > 0:
+        ax_in = ax_v.inset_axes([0.40, 0.40, 0.57, 0.55])
+        for k, (r, c) in enumerate(zip(runs_, cols)):
+            pts = [(i, v) for i, v in zip(r["curve"]["iter"], r["curve"]["val_loss"]) if i >= last / 2]
+            ax_in.plot(*zip(*pts), color=c, lw=1.4, ls=styles[(k // 10) % len(styles)], marker="o", ms=3)
+        ax_in.set_title(f"zoom: iterations {last // 2}-{last}", fontsize=8)
+        ax_in.tick_params(labelsize=7)
+        ax_in.grid(alpha=0.3)
+    fig.legend(loc="outside right center", fontsize=9, title="run")
+    fig.suptitle(f"Fine-tuning methods, same data, seed and schedule\n{subtitle(results)}", fontsize=11)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def place_labels(ax, xs, ys, names, fontsize=9):
+    """Pixel positions for the points' labels: each starts right of its point; labels that overlap
+    are pushed apart vertically until none do. Returns [(x_px, y_px)] of each label's left middle."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    pix = ax.transData.transform(list(zip(xs, ys)))
+    sizes = []
+    for name in names:
+        t = ax.text(0, 0, name, fontsize=fontsize)
+        box = t.get_window_extent(renderer)
+        sizes.append((box.width, box.height))
+        t.remove()
+    pos = [[px + 7, py] for px, py in pix]
+    for _ in range(500):
+        moved = False
+        for i in range(len(pos)):
+            for j in range(i + 1, len(pos)):
+                (xi, yi), (xj, yj) = pos[i], pos[j]
+                h = (sizes[i][1] + sizes[j][1]) / 2 + 1
+                if xi < xj + sizes[j][0] and xj < xi + sizes[i][0] and abs(yi - yj) < h:
+                    up = i if (yi, pix[i][1], -i) > (yj, pix[j][1], -j) else j  # keep the vertical order
+                    push = (h - abs(yi - yj)) / 2 + 0.5
+                    pos[up][1] += push
+                    pos[i + j - up][1] -= push
+                    moved = True
+        if not moved:
+            break
+    return pix, pos
+
+
+def plot_params(results, runs_, cols, path):
+    import matplotlib.pyplot as plt
+    pts = [(r, c) for r, c in zip(runs_, cols) if r["trainable_params"]]
+    fig, ax = plt.subplots(figsize=(9, 6), layout="constrained")
+    xs = [r["trainable_params"] for r, _ in pts]
+    ys = [r["final_val_loss"] for r, _ in pts]
+    names = [r["name"] for r, _ in pts]
+    ax.scatter(xs, ys, c=[c for _, c in pts], s=55, zorder=3, edgecolors="black", linewidths=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("final validation loss (nats / token)")
+    ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"Trainable parameters vs final validation loss\n{subtitle(results)}", fontsize=10)
+    if xs:
+        ax.set_xlim(min(xs) / 2.5, max(xs) * 5)  # room for the labels right of the points
+        span = (max(ys) - min(ys)) or 0.1
+        ax.set_ylim(min(ys) - 0.1 * span, max(ys) + 0.1 * span)
+        for _ in range(3):  # widen the y range until every label fits inside the axes
+            pix, pos = place_labels(ax, xs, ys, names)
+            box = ax.get_window_extent()
+            below, above = box.y0 + 8 - min(y for _, y in pos), max(y for _, y in pos) + 8 - box.y1
+            if below <= 0 and above <= 0:
+                break
+            lo, hi = ax.get_ylim()
+            per_px = (hi - lo) / box.height
+            ax.set_ylim(lo - max(below, 0) * per_px * 1.2, hi + max(above, 0) * per_px * 1.2)
+        to_pt = 72 / fig.dpi
+        for i, name in enumerate(names):
+            dx, dy = (pos[i][0] - pix[i][0]) * to_pt, (pos[i][1] - pix[i][1]) * to_pt
+            ax.annotate(name, (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points", fontsize=9, va="center",
+                        arrowprops=dict(arrowstyle="-", color="gray", lw=0.6, shrinkA=0, shrinkB=4) if abs(dy) > 4 else None)
+    base = next((r for r in runs_ if r["method"] == "full" and r["curve"]["iter"][:1] == [0]), None)
+    if base is not None:  # every run starts from this base; most methods start exactly at it
+        b = base["curve"]["val_loss"][0]
+        lo, hi = ax.get_ylim()
+        if lo <= b <= hi:
+            ax.axhline(b, color="gray", ls="--", lw=1)
+        ax.text(0.01, 0.01, (f"dashed: base model before fine-tuning, val loss {b:.3f}" if lo <= b <= hi else
+                             f"base model before fine-tuning: val loss {b:.3f} (above the plot)"),
+                transform=ax.transAxes, color="gray", fontsize=9, va="bottom")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_cost(results, runs_, cols, path):
+    import matplotlib.pyplot as plt
+    cuda = any(r["peak_mem_kind"] == "cuda_max_allocated" for r in runs_)
+    panels = [("peak_mem_mb", "peak CUDA memory (MB)" if cuda else "peak process memory, RSS (MB)", ",.0f"),
+              ("wall_s", "wall time (s)", ",.0f"), ("tok_per_s", "training throughput (tokens/s)", ",.0f")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.38 * len(runs_) + 2.2), sharey=True, layout="constrained")
+    names = [r["name"] for r in runs_]
+    ypos = list(range(len(runs_)))
+    for ax, (key, label, spec) in zip(axes, panels):
+        vals = [r[key] or 0 for r in runs_]
+        ax.barh(ypos, vals, color=cols, edgecolor="black", linewidth=0.4)
+        top = max(vals) if vals and max(vals) > 0 else 1
+        for y, v, r in zip(ypos, vals, runs_):
+            text = "n/a" if r[key] is None else format(v, spec)
+            if key == "wall_s" and r.get("segments", 1) > 1:
+                text += f" ({r['segments']} parts)"  # resumed: start-up counted once per part
+            ax.text(v + 0.01 * top, y, text, va="center", fontsize=8)
+        ax.set_xlim(0, top * 1.3)
+        ax.xaxis.set_major_formatter("{x:,.0f}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, axis="x")
+        if key == "peak_mem_mb" and not cuda and results.get("rss_baseline_mb"):
+            ax.axvline(results["rss_baseline_mb"], color="gray", ls="--", lw=1)
+            ax.text(results["rss_baseline_mb"], -0.95, " python + torch, no model", color="gray", fontsize=8, va="center")
+    axes[0].set_yticks(ypos, names)
+    axes[0].invert_yaxis()
+    axes[0].set_ylim(len(runs_) - 0.5, -1.4)  # room above the first bar for the baseline label
+    fig.suptitle(f"Cost per run\n{subtitle(results)}", fontsize=11)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def draw(results):
+    """The three figures into out_dir (and assets_dir), from results as results.json holds them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    runs_ = results["runs"]
+    if not runs_:
+        print("no finished runs yet: no figures")
+        return []
+    cols = colors(len(runs_))
+    paths = [os.path.join(out_dir, f) for f in FIGURES]
+    plot_curves(results, runs_, cols, paths[0])
+    plot_params(results, runs_, cols, paths[1])
+    plot_cost(results, runs_, cols, paths[2])
+    if assets_dir:
+        os.makedirs(assets_dir, exist_ok=True)
+        for p in paths + [os.path.join(out_dir, "results.md")]:
+            suffix = "results.md" if p.endswith(".md") else os.path.basename(p)[len("compare_"):]
+            shutil.copyfile(p, os.path.join(assets_dir, f"{assets_name}_{suffix}"))
+    return paths
+
+
+def print_summary(results):
+    print()
+    with open(os.path.join(out_dir, "results.md")) as f:
+        print(f.read())
+    print(f"wrote {'' if plot_only else 'results.json, '}results.csv, results.md and {', '.join(FIGURES)} in {out_dir}/"
+          + (f" (figures also in {assets_dir}/)" if assets_dir else ""))
+    print(f"TensorBoard: tensorboard --logdir {out_dir}")
+
+
+# -----------------------------------------------------------------------------
+
+if plot_only:
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; run the grid first (without --plot_only) or check --out_dir")
+    results = read_json(path)
+    write_tables(results)
+    draw(results)
+    print_summary(results)
+    sys.exit(0)
+
+grid = check_runs()
+state = check_out_dir(grid)
+keys, baseline_mb = train_defaults()
+plans = resolve(grid, keys)
+if dry_run:
+    for plan in plans:
+        print(f"{plan['name']}: {shlex.join(['python', 'train.py'] + plan['args'])}")
+    cfg = plans[0]["config"]
+    print(f"{len(plans)} runs of {cfg['max_iters']} iters x {cfg['gradient_accumulation_steps'] * cfg['batch_size'] * cfg['block_size']:,} tokens into {out_dir}/")
+    sys.exit(0)
+
+os.makedirs(out_dir, exist_ok=True)
+write_json(os.path.join(out_dir, "grid.json"), state)
+handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+stopped = train_grid(plans, state)
+for sig, handler in handlers.items():
+    signal.signal(sig, handler)
+results = collect(plans, state, baseline_mb)
+write_json(os.path.join(out_dir, "results.json"), results)
+write_tables(results)
+draw(results)
+print_summary(results)
+if stopped:
+    done = len(plans) - len(results["missing"])
+    print(f"{stopped}: {done} of {len(plans)} runs finished; run the same command again to continue")
+    sys.exit(130 if stopped == "interrupted" else 0)
