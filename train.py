@@ -162,9 +162,12 @@ def get_batch(split, step, micro):
     """Batch number `micro` of iteration `step`: the same windows whatever the process count."""
     data = shards[split]
     g = torch.Generator().manual_seed(derived_seed(split, step, micro))
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g)
-    x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix.tolist()]).astype(np.int64))  # (B, T)
-    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix.tolist()]).astype(np.int64))  # (B, T)
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).tolist()
+    windows = np.stack([data[i : i + block_size + 1] for i in ix]).astype(np.int64)  # (B, T+1)
+    if windows.max() >= model_vocab:  # on the host, before anything reaches the device
+        raise UserError(f"{data_dir}/{split}.bin holds token id {windows.max()}, but the model's vocabulary has "
+                        f"{model_vocab} tokens; prepare the data with this model's tokenizer")
+    x, y = torch.from_numpy(windows[:, :-1]), torch.from_numpy(windows[:, 1:])  # (B, T), (B, T)
     if device_type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -207,6 +210,7 @@ else:
     base_identity = {"init_from": init_from, "fingerprint": None if init_from == "scratch" else checkpoint.fingerprint(model)}
     peft.inject(model, peft_config)
 model_args = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")}
+model_vocab = model.config.vocab_size
 trainable, total = peft.count_parameters(model)
 if master_process:
     print(f"method {method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")

@@ -4,7 +4,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from shards import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,6 +95,10 @@ def test_bad_input_stops_with_one_line(base, data, tmp_path):
     (bad / "val.bin").write_bytes(b"\x00" * 4096)
     fails(*common(base, bad, out), message="not a token shard")
     fails(*common(base, data, out), "--block_size=128", message="larger than the model's 64 positions")
+    big = tmp_path / "big"  # GPT-2 token ids for a model whose vocabulary has 256 tokens
+    write_shard(big / "train.bin", np.full(500, 1000, dtype=np.uint16))
+    write_shard(big / "val.bin", np.full(500, 1000, dtype=np.uint16))
+    fails(*common(base, big, out), message="holds token id 1000, but the model's vocabulary has 256 tokens")
     fails(*common(tmp_path / "no-such-model", data, out), message="no-such-model")
     fails(*common(base, data, out), "--device=cuda", message="CUDA is not available")
     fails(*common(base, data, out), "--init_from=resume", message="no checkpoint")
