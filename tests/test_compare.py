@@ -9,36 +9,19 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from shards import write_shard
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 256
 RUNS = ("full", "lora1", "ia3")
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory):
-    """A tiny base model, token shards, a train.py base config and a grid config using them."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
+def grid(tmp_path_factory, base, data):
+    """A train.py base config and a grid config over the tiny base model and token shards (conftest)."""
     tmp = tmp_path_factory.mktemp("grid")
-    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=VOCAB,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    GPT2LMHeadModel(cfg).save_pretrained(tmp / "base")
-    rng = np.random.default_rng(0)
-    tokens = np.tile(rng.integers(0, VOCAB, size=97), 60)
-    noise = rng.random(tokens.size) < 0.1
-    tokens[noise] = rng.integers(0, VOCAB, size=noise.sum())
-    (tmp / "data").mkdir()
-    write_shard(tmp / "data" / "train.bin", tokens[:5000].astype(np.uint16))
-    write_shard(tmp / "data" / "val.bin", tokens[5000:].astype(np.uint16))
     # the base config's own LoRA settings (targets lora3, r 4) must not leak into the runs
     (tmp / "train_tiny.py").write_text(
-        f"init_from = {str(tmp / 'base')!r}\ndataset = {str(tmp / 'data')!r}\ndevice = 'cpu'\ncompile = False\n"
+        f"init_from = {base!r}\ndataset = {data!r}\ndevice = 'cpu'\ncompile = False\n"
         f"batch_size = 4\nblock_size = 32\nmethod = 'lora'\ntargets = ('lora3',)\nr = 4\n")
     (tmp / "grid_tiny.py").write_text(
         f"base_config = {str(tmp / 'train_tiny.py')!r}\n"

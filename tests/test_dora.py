@@ -15,16 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peft  # noqa: E402
 from peft import quant  # noqa: E402
 from peft.dora import DoRALinear  # noqa: E402
+from test_lora import linear  # noqa: E402
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-
-
-def linear(in_features=48, out_features=40, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(in_features, out_features)
-    with torch.no_grad():
-        lin.bias.normal_()
-    return lin.requires_grad_(False)
 
 
 def cfg(**kw):

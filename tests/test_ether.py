@@ -201,14 +201,9 @@ def test_bad_nb_is_a_user_error():
     ("etherplus", ("lora3",), True, 2 * 2 * (32 + 32 + 32 + 32)),  # mlp.c_proj flipped to its 32 outputs
 ])
 def test_tiny_gpt_inject_step_and_merge(method, targets, flip, n_params):
-    from model import GPT, GPTConfig
+    from test_peft import tiny_gpt
     from peft import count_parameters, inject, merge
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
+    model = tiny_gpt().eval()
     idx = torch.randint(0, 64, (2, 8))
     logits0, _ = model(idx, targets=idx)
     inject(model, make_cfg(method=method, ether_nb=4, targets=targets, flip_side=flip))

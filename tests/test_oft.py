@@ -190,14 +190,9 @@ def test_same_rotation_and_coft_as_hf_peft(tmp_path):
 
 
 def test_tiny_gpt_inject_step_and_merge():
-    from model import GPT, GPTConfig
+    from test_peft import tiny_gpt
     from peft import adapter_state_dict, count_parameters, inject, merge
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
+    model = tiny_gpt().eval()
     idx = torch.randint(0, 64, (2, 8))
     logits0, _ = model(idx, targets=idx)
     inject(model, make_cfg(oft_block_size=8))  # default targets: c_attn, attn.c_proj
