@@ -487,6 +487,9 @@ def _write_atomic(path, write):
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files private (0600); exports are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
