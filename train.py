@@ -396,12 +396,12 @@ while True:
                 record["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             log_metrics(record)
 
-    if ddp:  # a signal may reach one process only: stop all of them together
-        flag = torch.tensor([float(len(stop_signal))], device=device)
+    if ddp and iter_num % log_interval == 0:  # a signal may reach one process only: stop all together
+        flag = torch.tensor([float(len(stop_signal))], device=device)  # (a host sync: only on log steps)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and not stop_signal:
             stop_signal.append("from another process")
-    if stop_signal:
+    if stop_signal and (not ddp or iter_num % log_interval == 0):
         if master_process:
             save_checkpoint()
             print(f"stopped by signal {stop_signal[0]}; checkpoint saved at iter {iter_num} in {ckpt_path}; continue with --init_from=resume")
