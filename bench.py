@@ -57,6 +57,7 @@ import configurator
 import errors
 import peft
 from errors import UserError
+from peft.config import TRAIN_KEYS
 from model import GPT, GPTConfig
 
 errors.install()
@@ -133,10 +134,8 @@ def peft_config(m, **over):
     """PeftConfig of method m from this script's keys (like train.py does)."""
     if m == "full":
         return peft.PeftConfig(method="full")
-    kw = dict(method=m, r=r, alpha=alpha, dropout=adapter_dropout, targets=tuple(targets) or None,
-              use_rslora=use_rslora, init=adapter_init, oft_block_size=oft_block_size, coft_eps=coft_eps,
-              block_share=block_share, ether_nb=ether_nb, flip_side=flip_side)
-    kw.update(over)
+    kw = {field: config[key] for key, field in TRAIN_KEYS.items() if key in config}  # the keys this script has
+    kw.update(method=m, **over)
     return peft.PeftConfig(**kw)
 
 

@@ -15,7 +15,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-HF_SCRIPT = r"""
+# Start of every script that runs HF peft in a subprocess: this repo off sys.path (its peft/ would
+# shadow HF's), then the job file (argv[2]) and the input ids it names.
+HF_PREAMBLE = r"""
 import json, os, sys
 repo = sys.argv[1]
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != repo]
@@ -23,6 +25,9 @@ import torch, transformers, peft
 assert os.path.dirname(os.path.abspath(peft.__file__)) != os.path.join(repo, "peft"), "got the repo's peft/"
 job = json.load(open(sys.argv[2]))
 idx = torch.load(job["idx"])
+"""
+
+HF_SCRIPT = HF_PREAMBLE + r"""
 for adapter, out in job["runs"]:
     base = transformers.GPT2LMHeadModel.from_pretrained(job["base"], dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, adapter).eval()

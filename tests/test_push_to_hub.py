@@ -25,7 +25,7 @@ import checkpoint  # noqa: E402
 import configurator  # noqa: E402
 import tokenizer  # noqa: E402
 from errors import UserError  # noqa: E402
-from hf_peft_helpers import run_hf_peft, write_tiny_gpt2  # noqa: E402
+from hf_peft_helpers import HF_PREAMBLE, run_hf_peft, write_tiny_gpt2  # noqa: E402
 from shards import write_shard  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,14 +53,7 @@ MERGED_FILES = {"README.md", "config.json", "model.safetensors", "generation_con
                 "merges.txt", "tokenizer_config.json", "special_tokens_map.json"}
 ADAPTER_FILES = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
 
-HF_SCRIPT = r"""
-import json, os, sys
-repo = sys.argv[1]
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != repo]
-import torch, transformers, peft
-assert os.path.dirname(os.path.abspath(peft.__file__)) != os.path.join(repo, "peft"), "got the repo's peft/"
-job = json.load(open(sys.argv[2]))
-idx = torch.load(job["idx"])
+HF_SCRIPT = HF_PREAMBLE + r"""
 out = {}
 with torch.no_grad():
     for name, folder in job["merged"].items():
