@@ -397,13 +397,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                 stop_token=None):
+                 stop_token=None, stop_sequences=()):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + n) with n <= max_new_tokens.
 
         temperature 0 picks the argmax (greedy); otherwise sample from softmax(logits / temperature),
         restricted to the top_k most likely tokens and/or the smallest set whose probability reaches
         top_p (nucleus). With stop_token, a row that produced it keeps emitting it, and generation
-        ends early once every row has.
+        ends early once every row has. stop_sequences (lists of token ids, e.g. the tokens of
+        "### Human:") end a row the same way once its new tokens end with one of them (then stop_token,
+        which stop_sequences requires, fills the rest of the row).
         use_cache: the prompt is run once (prefill), then each step runs only the newest token against
         the cached keys/values. When the context reaches block_size the cache is full; we then fall
         back to re-prefilling the last block_size tokens at every step, which is exactly what the
@@ -423,6 +425,8 @@ class GPT(nn.Module):
             raise UserError(f"top_k must be >= 1, got {top_k}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise UserError(f"top_p must be in (0, 1], got {top_p}")
+        if stop_sequences and stop_token is None:
+            raise ValueError("stop_sequences needs a stop_token to pad finished rows with")
         kv_cache = self.new_kv_cache() if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # rows that produced stop_token
         for step in range(max_new_tokens):
@@ -438,6 +442,10 @@ class GPT(nn.Module):
                 idx_next = idx_next.masked_fill(done.unsqueeze(1), stop_token)
                 done = done | (idx_next[:, 0] == stop_token)
             idx = torch.cat((idx, idx_next), dim=1)  # (B, T + step + 1)
+            for seq in stop_sequences:  # does a row's new text end with this sequence?
+                if 0 < len(seq) <= step + 1:
+                    tail = torch.tensor(seq, device=idx.device)  # (S,)
+                    done = done | (idx[:, -len(seq):] == tail).all(dim=1)
             if stop_token is not None and bool(done.all()):
                 break
         return idx

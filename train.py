@@ -34,6 +34,7 @@ import peft
 from errors import UserError
 from model import GPTConfig
 from shards import read_shard
+from tokenizer import EOT
 
 errors.install()
 
@@ -55,6 +56,7 @@ wandb_project = "gpt2-peft"
 wandb_run_name = "run"
 # data
 dataset = "shakespeare"  # a folder under data/, or a path to a folder holding train.bin and val.bin
+mask_prompt = True  # instruction data (a train_mask.bin next to train.bin): the loss on response tokens only
 batch_size = 8  # micro-batch size
 block_size = 256
 gradient_accumulation_steps = 1  # micro-steps per iteration over all processes
@@ -143,14 +145,43 @@ torch.backends.cudnn.allow_tf32 = True
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-# data: uint16 token shards; a batch is batch_size random windows of block_size + 1 tokens
+# data: uint16 token shards. Plain text: a batch is batch_size random windows of block_size + 1 tokens.
+# Instruction data (data/guanaco|alpaca|lima, written with a parallel {split}_mask.bin, 1 = response token):
+# every window starts at the first token of an example (examples are separated by EOT), so the model always
+# sees a whole prompt, and with mask_prompt the targets of prompt tokens are -1, which the loss ignores.
 data_dir = dataset if os.path.isdir(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
 if not os.path.isdir(data_dir):
     raise UserError(f"dataset '{dataset}' not found: expected data/{dataset}/ or a folder holding train.bin and val.bin")
-shards = {split: read_shard(os.path.join(data_dir, f"{split}.bin")) for split in ("train", "val")}
-for split, data in shards.items():
+shards, masks, starts = {}, {}, {}
+for split in ("train", "val"):
+    shards[split] = data = read_shard(os.path.join(data_dir, f"{split}.bin"))
     if len(data) <= block_size + 1:
         raise UserError(f"{data_dir}/{split}.bin has {len(data)} tokens, fewer than block_size+1={block_size + 1}; lower --block_size or add data")
+    mask_path = os.path.join(data_dir, f"{split}_mask.bin")
+    if not os.path.exists(mask_path):
+        continue
+    masks[split] = mask = read_shard(mask_path, kind="mask")
+    if len(mask) != len(data):
+        raise UserError(f"{mask_path} has {len(mask)} items but {split}.bin has {len(data)} tokens; re-run the dataset's prepare.py")
+    # example starts: 0 and every position right after an EOT, keeping those whose window fits in the shard
+    # and holds at least one response token (a window of prompt only would give an empty loss)
+    ex_start = np.concatenate([[0], np.flatnonzero(data[:-1] == EOT) + 1])  # (N,)
+    resp = np.flatnonzero(mask)  # positions of response tokens
+    if len(resp) == 0:
+        raise UserError(f"{mask_path} marks no response token (all prompt); re-run the dataset's prepare.py")
+    k = np.searchsorted(resp, ex_start + 1)  # the first response token a window's targets can reach
+    has_resp = (k < len(resp)) & (resp[np.minimum(k, len(resp) - 1)] <= ex_start + block_size)
+    starts[split] = ex_start[has_resp & (ex_start + block_size + 1 <= len(data))]
+    if len(starts[split]) == 0:
+        raise UserError(f"{data_dir}/{split}.bin has no example whose first answer token lies within block_size={block_size} tokens "
+                        f"of its start; raise --block_size or prepare the data with a smaller --max_length")
+    long_examples = int((np.diff(np.append(ex_start, len(data))) > block_size + 1).sum())
+    if long_examples and master_process:
+        print(f"{split}: {long_examples:,} of {len(ex_start):,} examples are longer than block_size+1={block_size + 1} tokens; "
+              f"only their first block_size+1 tokens are trained on (see data/<name>/prepare.py --max_length)")
+    if master_process:
+        print(f"{split}: {len(starts[split]):,} instruction examples, loss on "
+              f"{'response tokens only' if mask_prompt else 'all tokens (mask_prompt=False)'}")
 
 
 def derived_seed(*keys):
@@ -162,12 +193,18 @@ def get_batch(split, step, micro):
     """Batch number `micro` of iteration `step`: the same windows whatever the process count."""
     data = shards[split]
     g = torch.Generator().manual_seed(derived_seed(split, step, micro))
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).tolist()
+    if split in starts:  # instruction data: windows begin at example starts
+        ix = starts[split][torch.randint(len(starts[split]), (batch_size,), generator=g).numpy()].tolist()
+    else:
+        ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).tolist()
     windows = np.stack([data[i : i + block_size + 1] for i in ix]).astype(np.int64)  # (B, T+1)
     if windows.max() >= model_vocab:  # on the host, before anything reaches the device
         raise UserError(f"{data_dir}/{split}.bin holds token id {windows.max()}, but the model's vocabulary has "
                         f"{model_vocab} tokens; prepare the data with this model's tokenizer")
     x, y = torch.from_numpy(windows[:, :-1]), torch.from_numpy(windows[:, 1:])  # (B, T), (B, T)
+    if mask_prompt and split in masks:  # no loss where the next token is part of a prompt
+        m = np.stack([masks[split][i + 1 : i + block_size + 1] for i in ix])  # (B, T)
+        y = y.masked_fill(torch.from_numpy(m == 0), -1)
     if device_type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)

@@ -167,6 +167,28 @@ def test_generate_sampling_and_stop_token(hf_folder):
     assert single.shape == (1, 6)
 
 
+def test_generate_stop_sequences(hf_folder):
+    """A row ends once its new tokens end with a stop sequence (a template's next turn), then pads."""
+    _, st, _ = hf_folder
+    model = GPT.from_pretrained(st).eval()
+    idx = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    greedy = model.generate(idx, 10, temperature=0.0)
+    seq = greedy[0, 7:9].tolist()  # new tokens 3 and 4 of row 0
+    pad = VOCAB - 1
+    out = model.generate(idx, 10, temperature=0.0, stop_token=pad, stop_sequences=[seq])
+    for row in range(2):  # each row: greedy up to the end of its first new occurrence of seq, then pad
+        hits = [j for j in range(6, 15) if greedy[row, j - 1:j + 1].tolist() == seq]
+        end = hits[0] + 1 if hits else 15
+        assert torch.equal(out[row, :end], greedy[row, :end]) and (out[row, end:] == pad).all()
+    # the sequence inside the prompt does not count: only new tokens are matched
+    last = [int(idx[0, -1])]  # the prompt's last token as a stop sequence
+    hits = [j for j in range(5, 15) if int(greedy[0, j]) == last[0]]
+    out = model.generate(idx[:1], 10, temperature=0.0, stop_token=pad, stop_sequences=[last])
+    assert out.shape[1] == (hits[0] + 1 if hits else 15)
+    with pytest.raises(ValueError):
+        model.generate(idx, 2, stop_sequences=[seq])
+
+
 def test_save_hf_round_trip(tmp_path):
     torch.manual_seed(6)
     model = GPT(GPTConfig(block_size=48, vocab_size=150, n_layer=2, n_head=4, n_embd=32)).eval()

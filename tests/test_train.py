@@ -117,3 +117,100 @@ def test_bad_input_stops_with_one_line(base, data, tmp_path):
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work")
     fails(*common(base, data, foreign), message="did not write")
+
+
+# -----------------------------------------------------------------------------
+# instruction data: a {split}_mask.bin next to the tokens puts the loss on response tokens only
+
+EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def base_bpe(tmp_path_factory):
+    """A tiny GPT-2 with the real vocabulary size, so EOT (50256) is a valid token."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("base_bpe")
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=50257,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    return str(folder)
+
+
+def write_examples(folder, split, examples):
+    """examples: (prompt ids, response ids) pairs -> {split}.bin and {split}_mask.bin, EOT after each."""
+    ids, mask = [], []
+    for prompt, response in examples:
+        ids += prompt + response + [EOT]
+        mask += [0] * len(prompt) + [1] * (len(response) + 1)
+    write_shard(os.path.join(folder, f"{split}.bin"), np.array(ids, dtype=np.uint16))
+    write_shard(os.path.join(folder, f"{split}_mask.bin"), np.array(mask, dtype=np.uint8), kind="mask")
+    return np.array(ids), np.array(mask)
+
+
+def reference_loss(base, ids, mask, T):
+    """Mean cross-entropy of transformers' model on window ids[0:T+1], over targets whose mask is 1."""
+    import torch
+    from transformers import GPT2LMHeadModel
+    model = GPT2LMHeadModel.from_pretrained(base).eval()
+    x = torch.tensor(ids[:T])[None]
+    with torch.no_grad():
+        logits = model(x).logits[0]  # (T, V)
+    nll = torch.nn.functional.cross_entropy(logits.double(), torch.tensor(ids[1:T + 1]), reduction="none")
+    keep = torch.tensor(mask[1:T + 1] == 1)
+    return nll[keep].mean().item(), nll.mean().item()
+
+
+@pytest.mark.parametrize("mask_prompt", [True, False])
+def test_prompt_mask_puts_the_loss_on_responses_only(base_bpe, tmp_path, mask_prompt):
+    """val holds one usable example start, so every eval window is ids[0:T+1]: the loss is checkable by hand.
+    The first example's prompt is longer than block_size (no answer token reachable): windows must skip it."""
+    rng = np.random.default_rng(0)
+    T = 16
+    tok = lambda n: rng.integers(0, 50000, n).tolist()  # noqa: E731
+    data = tmp_path / "instr"
+    data.mkdir()
+    write_examples(data, "train", [(tok(5), tok(7)) for _ in range(20)])
+    ids, mask = write_examples(data, "val", [(tok(T + 3), tok(4)), (tok(6), tok(9)), (tok(3), tok(2))])
+    start = T + 3 + 4 + 1  # the second example: the only one whose window has an answer token and fits
+    ids, mask = ids[start:], mask[start:]
+    p = train(f"--init_from={base_bpe}", f"--dataset={data}", f"--out_dir={tmp_path / 'out'}", "--eval_only=true",
+              f"--block_size={T}", "--batch_size=2", "--eval_iters=2", f"--mask_prompt={mask_prompt}")
+    assert p.returncode == 0, p.stderr
+    assert "val: 1 instruction examples" in p.stdout
+    val = [json.loads(x)["val/loss"] for x in open(tmp_path / "out" / "metrics.jsonl") if "val/loss" in x][0]
+    masked, unmasked = reference_loss(base_bpe, ids, mask, T)
+    assert val == pytest.approx(masked if mask_prompt else unmasked, rel=1e-5)
+    assert abs(masked - unmasked) > 1e-3  # the two cases differ by more than the tolerance above
+
+
+def test_instruction_run_learns_the_answers(base_bpe, tmp_path):
+    """Prompts are noise, answers a fixed sequence: with the mask the answer loss falls towards 0."""
+    rng = np.random.default_rng(1)
+    answer = rng.integers(0, 50000, 6).tolist()
+    data = tmp_path / "instr"
+    data.mkdir()
+    for split, n in (("train", 60), ("val", 20)):
+        write_examples(data, split, [(rng.integers(0, 50000, 4).tolist(), answer) for _ in range(n)])
+    out = tmp_path / "out"
+    p = train(f"--init_from={base_bpe}", f"--dataset={data}", f"--out_dir={out}", "--method=full",
+              "--block_size=32", "--batch_size=4", "--max_iters=40", "--eval_interval=40", "--eval_iters=2",
+              "--learning_rate=1e-2", "--warmup_iters=0", "--decay_lr=false")
+    assert p.returncode == 0, p.stderr
+    vals = [json.loads(x)["val/loss"] for x in open(out / "metrics.jsonl") if "val/loss" in x]
+    assert vals[0] > 9 and vals[-1] < 0.5 * vals[0]
+
+
+def test_bad_mask_shards_stop_with_one_line(base_bpe, tmp_path):
+    data = tmp_path / "instr"
+    data.mkdir()
+    write_examples(data, "train", [([1, 2, 3], [4, 5])] * 20)
+    write_examples(data, "val", [([1, 2, 3], [4, 5])] * 20)
+    write_shard(data / "val_mask.bin", np.ones(7, dtype=np.uint8), kind="mask")  # shorter than val.bin
+    common_args = (f"--init_from={base_bpe}", f"--dataset={data}", "--eval_only=true", "--block_size=8")
+    p = train(*common_args, f"--out_dir={tmp_path / 'a'}")
+    assert p.returncode == 2 and "val_mask.bin has 7 items but val.bin has 120 tokens" in p.stderr
+    write_examples(data, "val", [(list(range(1, 12)), [4, 5])] * 3)  # every prompt longer than block_size
+    p = train(*common_args, f"--out_dir={tmp_path / 'b'}")
+    assert p.returncode == 2 and "no example whose first answer token lies within block_size=8" in p.stderr
