@@ -164,6 +164,50 @@ def read_text(path):
     return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
+def read_records(path):
+    """Read a list of records (dicts) from a .json (a list of objects), .jsonl (one object per line) or
+    .parquet file: the forms the Hugging Face Hub serves datasets in. Any error is one line naming the file."""
+    import json
+    if not os.path.exists(path):
+        raise UserError(f"no such file: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError(f"reading {path} needs pyarrow: pip install pyarrow (or give a .json/.jsonl file)") from None
+        try:
+            records = pq.read_table(path).to_pylist()
+        except Exception as e:
+            raise UserError(f"{path} is not a readable parquet file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    elif ext in (".json", ".jsonl"):
+        text = read_text(path)
+        try:
+            if ext == ".json":
+                records = json.loads(text)
+            else:
+                records = []
+                for line_no, line in enumerate(text.split("\n"), 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise UserError(f"{path} line {line_no} is not valid JSON: {e.msg} (column {e.colno})") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    else:
+        raise UserError(f"{path}: expected a .json, .jsonl or .parquet file")
+    if isinstance(records, dict):  # {"train": [...]} or {"data": [...]}: one list inside
+        lists = [v for v in records.values() if isinstance(v, list)]
+        records = lists[0] if len(lists) == 1 else records
+    if not isinstance(records, list):
+        raise UserError(f"{path}: expected a list of records (JSON objects), found a {type(records).__name__}")
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}: record {i} is a {type(rec).__name__}, expected a JSON object")
+    return records
+
+
 def text_files(folder):
     """The *.txt files of `folder`, in sorted order (so every machine builds the same corpus)."""
     names = sorted(name for name in os.listdir(folder) if name.endswith(".txt"))
