@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import configurator
 import errors
+import instruct
 import peft
 from errors import UserError
 from model import GPTConfig
@@ -152,26 +153,28 @@ ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device
 data_dir = dataset if os.path.isdir(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
 if not os.path.isdir(data_dir):
     raise UserError(f"dataset '{dataset}' not found: expected data/{dataset}/ or a folder holding train.bin and val.bin")
+data_template = instruct.read_template(data_dir)  # e.g. "guanaco": saved with the checkpoint for sample.py
 shards, masks, starts = {}, {}, {}
 for split in ("train", "val"):
     shards[split] = data = read_shard(os.path.join(data_dir, f"{split}.bin"))
-    if len(data) <= block_size + 1:
-        raise UserError(f"{data_dir}/{split}.bin has {len(data)} tokens, fewer than block_size+1={block_size + 1}; lower --block_size or add data")
     mask_path = os.path.join(data_dir, f"{split}_mask.bin")
     if not os.path.exists(mask_path):
+        if len(data) <= block_size + 1:
+            raise UserError(f"{data_dir}/{split}.bin has {len(data)} tokens, fewer than block_size+1={block_size + 1}; lower --block_size or add data")
         continue
     masks[split] = mask = read_shard(mask_path, kind="mask")
     if len(mask) != len(data):
         raise UserError(f"{mask_path} has {len(mask)} items but {split}.bin has {len(data)} tokens; re-run the dataset's prepare.py")
-    # example starts: 0 and every position right after an EOT, keeping those whose window fits in the shard
-    # and holds at least one response token (a window of prompt only would give an empty loss)
+    # example starts: 0 and every position right after an EOT, keeping those whose window holds at least one
+    # response token (a window of prompt only would give an empty loss). A window that runs past the end of
+    # the shard is padded with EOT tokens that carry no loss, so the last examples count too.
     ex_start = np.concatenate([[0], np.flatnonzero(data[:-1] == EOT) + 1])  # (N,)
     resp = np.flatnonzero(mask)  # positions of response tokens
     if len(resp) == 0:
         raise UserError(f"{mask_path} marks no response token (all prompt); re-run the dataset's prepare.py")
     k = np.searchsorted(resp, ex_start + 1)  # the first response token a window's targets can reach
     has_resp = (k < len(resp)) & (resp[np.minimum(k, len(resp) - 1)] <= ex_start + block_size)
-    starts[split] = ex_start[has_resp & (ex_start + block_size + 1 <= len(data))]
+    starts[split] = ex_start[has_resp]
     if len(starts[split]) == 0:
         raise UserError(f"{data_dir}/{split}.bin has no example whose first answer token lies within block_size={block_size} tokens "
                         f"of its start; raise --block_size or prepare the data with a smaller --max_length")
@@ -189,6 +192,12 @@ def derived_seed(*keys):
     return int.from_bytes(hashlib.blake2b(repr((seed,) + keys).encode(), digest_size=8).digest(), "little") >> 1
 
 
+def window(arr, i, fill):
+    """arr[i : i + block_size + 1], padded with `fill` where it runs past the end (instruction data only)."""
+    w = arr[i : i + block_size + 1]
+    return w if len(w) == block_size + 1 else np.concatenate([w, np.full(block_size + 1 - len(w), fill, w.dtype)])
+
+
 def get_batch(split, step, micro):
     """Batch number `micro` of iteration `step`: the same windows whatever the process count."""
     data = shards[split]
@@ -197,14 +206,17 @@ def get_batch(split, step, micro):
         ix = starts[split][torch.randint(len(starts[split]), (batch_size,), generator=g).numpy()].tolist()
     else:
         ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).tolist()
-    windows = np.stack([data[i : i + block_size + 1] for i in ix]).astype(np.int64)  # (B, T+1)
+    windows = np.stack([window(data, i, EOT) for i in ix]).astype(np.int64)  # (B, T+1)
     if windows.max() >= model_vocab:  # on the host, before anything reaches the device
         raise UserError(f"{data_dir}/{split}.bin holds token id {windows.max()}, but the model's vocabulary has "
                         f"{model_vocab} tokens; prepare the data with this model's tokenizer")
     x, y = torch.from_numpy(windows[:, :-1]), torch.from_numpy(windows[:, 1:])  # (B, T), (B, T)
-    if mask_prompt and split in masks:  # no loss where the next token is part of a prompt
-        m = np.stack([masks[split][i + 1 : i + block_size + 1] for i in ix])  # (B, T)
-        y = y.masked_fill(torch.from_numpy(m == 0), -1)
+    if split in masks:  # no loss on padding, nor (mask_prompt) where the next token is part of a prompt
+        target_pos = np.array(ix)[:, None] + 1 + np.arange(block_size)  # (B, T) position of each target
+        ignore = target_pos >= len(data)
+        if mask_prompt:
+            ignore |= np.stack([window(masks[split], i, 0)[1:] for i in ix]) == 0  # (B, T)
+        y = y.masked_fill(torch.from_numpy(ignore), -1)
     if device_type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -328,7 +340,8 @@ def device_peak_flops():
 
 def save_checkpoint():
     meta = {"config": config, "peft": peft_config.asdict(), "model_args": model_args, "base": base_identity,
-            "iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": iter_num * tokens_per_iter}
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": iter_num * tokens_per_iter,
+            "template": data_template}
     checkpoint.save(out_dir, raw_model, optimizer, meta)
 
 

@@ -162,25 +162,27 @@ def reference_loss(base, ids, mask, T):
     return nll[keep].mean().item(), nll.mean().item()
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("mask_prompt", [True, False])
-def test_prompt_mask_puts_the_loss_on_responses_only(base_bpe, tmp_path, mask_prompt):
-    """val holds one usable example start, so every eval window is ids[0:T+1]: the loss is checkable by hand.
-    The first example's prompt is longer than block_size (no answer token reachable): windows must skip it."""
+def test_prompt_mask_puts_the_loss_on_responses_only(base_bpe, tmp_path, mask_prompt, padded):
+    """val holds one usable example start, so every eval window is the same: its loss is checkable by hand.
+    The first example's prompt is longer than block_size (no answer token reachable): windows must skip it.
+    padded: the last example is shorter than a window, which is padded with EOT tokens that carry no loss."""
     rng = np.random.default_rng(0)
     T = 16
     tok = lambda n: rng.integers(0, 50000, n).tolist()  # noqa: E731
     data = tmp_path / "instr"
     data.mkdir()
     write_examples(data, "train", [(tok(5), tok(7)) for _ in range(20)])
-    ids, mask = write_examples(data, "val", [(tok(T + 3), tok(4)), (tok(6), tok(9)), (tok(3), tok(2))])
-    start = T + 3 + 4 + 1  # the second example: the only one whose window has an answer token and fits
+    ids, mask = write_examples(data, "val", [(tok(T + 3), tok(4)), (tok(6), tok(5 if padded else T))])
+    start = T + 3 + 4 + 1  # the second example: the only one whose window has an answer token
     ids, mask = ids[start:], mask[start:]
     p = train(f"--init_from={base_bpe}", f"--dataset={data}", f"--out_dir={tmp_path / 'out'}", "--eval_only=true",
               f"--block_size={T}", "--batch_size=2", "--eval_iters=2", f"--mask_prompt={mask_prompt}")
     assert p.returncode == 0, p.stderr
     assert "val: 1 instruction examples" in p.stdout
     val = [json.loads(x)["val/loss"] for x in open(tmp_path / "out" / "metrics.jsonl") if "val/loss" in x][0]
-    masked, unmasked = reference_loss(base_bpe, ids, mask, T)
+    masked, unmasked = reference_loss(base_bpe, ids, mask, min(T, len(ids) - 1))
     assert val == pytest.approx(masked if mask_prompt else unmasked, rel=1e-5)
     assert abs(masked - unmasked) > 1e-3  # the two cases differ by more than the tolerance above
 
