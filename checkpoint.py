@@ -56,13 +56,38 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def temp_file_pid(name, target=CKPT_NAME):
+    """The pid in `name` if it is a temp file of atomic_save_safetensors for `target`
+    (".ckpt.safetensors.tmp-<pid>", left behind when a writer is killed), else None."""
+    prefix = f".{target}.tmp-"
+    return int(name[len(prefix):]) if name.startswith(prefix) and name[len(prefix):].isdigit() else None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_save_safetensors(tensors, path, metadata=None):
     """Write `tensors` to `path` through a temp file in the same folder and os.replace.
 
     If the write fails (disk full, read-only folder) the temp file is removed, the previous file at
-    `path` is untouched, and a UserError says what happened."""
+    `path` is untouched, and a UserError says what happened. Temp files of earlier writers that were
+    killed half-way (their process is gone) are removed first, one by one, by their exact name."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    for name in os.listdir(folder):
+        pid = temp_file_pid(name, os.path.basename(path))
+        if pid is not None and pid != os.getpid() and not _alive(pid):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     try:
         save_file(tensors, tmp, metadata=metadata)

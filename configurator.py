@@ -103,8 +103,12 @@ def check_type(key, value, default, where):
 def _run_config_file(path, config, defaults, ignore_unknown=False):
     if not os.path.isfile(path):
         raise UserError(f"config file '{path}' does not exist (config files are given as paths, e.g. config/finetune_shakespeare.py)")
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (invalid byte 0x{e.object[e.start]:02x} at byte offset {e.start}); "
+                        f"save it as UTF-8") from None
     try:
         code = compile(source, path, "exec")
     except SyntaxError as e:

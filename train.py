@@ -236,6 +236,11 @@ if init_from == "resume":
                         f"(saved, given: {diff}); pass the same settings or choose another --out_dir")
     if meta["model_args"]["block_size"] != block_size:
         raise UserError(f"{out_dir} was trained with block_size={meta['model_args']['block_size']}; resume with --block_size={meta['model_args']['block_size']}")
+    if meta["base"]["init_from"] == "scratch":  # the model keys define a scratch model: they must agree
+        for key in ("n_layer", "n_head", "n_embd", "vocab_size", "bias"):
+            if config[key] != defaults[key] and config[key] != meta["model_args"][key]:
+                raise UserError(f"{out_dir} holds a model with {key}={meta['model_args'][key]}, but this command sets "
+                                f"{key}={config[key]}; drop --{key} to resume it, or choose another --out_dir")
     model = checkpoint.restore_model(tensors, meta, dropout)
     base_identity = meta["base"]
     iter_num, best_val_loss = meta["iter_num"], meta["best_val_loss"]
@@ -246,7 +251,8 @@ else:
         raise UserError(f"{out_dir} already holds a checkpoint; continue it with --init_from=resume, "
                         f"choose another --out_dir, or replace it with --overwrite=true")
     if os.path.isdir(out_dir):
-        foreign = [f for f in os.listdir(out_dir) if f not in (checkpoint.CKPT_NAME, "metrics.jsonl", "tb")]
+        foreign = [f for f in os.listdir(out_dir) if f not in (checkpoint.CKPT_NAME, "metrics.jsonl", "tb")
+                   and checkpoint.temp_file_pid(f) is None]  # a killed write's temp file is the repo's own
         if foreign:
             raise UserError(f"{out_dir} holds files this repo did not write ({', '.join(sorted(foreign)[:3])}); choose another --out_dir")
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size, bias=bias)
@@ -339,6 +345,12 @@ def device_peak_flops():
 
 
 def save_checkpoint():
+    # the loss is looked at on log and eval steps only: weights that became nan/inf since then (a stop
+    # by signal saves between log steps) must never replace the last good checkpoint
+    bad = next((n for n, p in raw_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise UserError(f"the weights became nan/inf by iter {iter_num} ({bad}); stopped without saving, so {ckpt_path} "
+                        f"keeps the last good state. Lower --learning_rate or use --dtype=float32")
     meta = {"config": config, "peft": peft_config.asdict(), "model_args": model_args, "base": base_identity,
             "iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": iter_num * tokens_per_iter,
             "template": data_template}
@@ -347,8 +359,12 @@ def save_checkpoint():
 
 def log_metrics(record):
     """Append one JSON line to out_dir/metrics.jsonl (and TensorBoard / wandb when switched on)."""
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = os.path.join(out_dir, "metrics.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # disk full, read-only folder
+        raise UserError(f"could not write {path}: {e.strerror or e}; {ckpt_path} keeps the last saved state") from None
     for key, value in record.items():
         if key != "iter" and tb_writer is not None:
             tb_writer.add_scalar(key, value, record["iter"])
@@ -360,9 +376,12 @@ def log_metrics(record):
 tb_writer = None
 stop_signal = []
 if master_process:
-    os.makedirs(out_dir, exist_ok=True)
-    if init_from != "resume":
-        open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if init_from != "resume":
+            open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
+    except OSError as e:
+        raise UserError(f"cannot write to {out_dir}: {e.strerror or e}; choose another --out_dir") from None
     if tensorboard_log:
         from torch.utils.tensorboard import SummaryWriter
         tb_writer = SummaryWriter(os.path.join(out_dir, "tb"))
