@@ -1,6 +1,6 @@
 """Bad input (issue #7): every mistake a user can make with the repo's commands, in one table.
 
-Each row runs a real command as a subprocess (train.py, sample.py, push_to_hub.py, compare.py,
+Each row runs a real command as a subprocess (train.py, sample.py, eval.py, push_to_hub.py, compare.py,
 bench.py, data/*/prepare.py) and asserts what a user must see: exit code 2, exactly one line on stderr,
 starting with `error: ` and holding the expected words, no traceback; and that nothing already on
 disk changed (every file of the row's own folder and of the shared runs, base model and data is hashed
@@ -261,6 +261,40 @@ CASES = [
          "too short to split into train and val", files={"in.txt": "a"}, setup=existing_shards),
     Case("prepare-missing-input", ["data/milton/prepare.py", "--input", "{tmp}/nope.txt", "--out_dir", "{tmp}/prep"],
          "no such file: {tmp}/nope.txt", setup=existing_shards),
+    # --- instruction data: data/guanaco|alpaca|lima/prepare.py
+    Case("prepare-alpaca-wrong-schema", ["data/alpaca/prepare.py", "--input={tmp}/a.json", "--out_dir={tmp}/prep"],
+         "a.json record 1 has no field 'output' (fields: instruction, input)",
+         files={"a.json": '[{"instruction": "Hi", "input": "", "output": "Hello"}, {"instruction": "Bye", "input": ""}]'},
+         setup=existing_shards),
+    Case("prepare-guanaco-no-assistant", ["data/guanaco/prepare.py", "--input={tmp}/g.jsonl", "--out_dir={tmp}/prep"],
+         "### Assistant:", files={"g.jsonl": '{"text": "### Human: a question with no answer turn"}\n'}, setup=existing_shards),
+    Case("prepare-lima-empty-file", ["data/lima/prepare.py", "--input={tmp}/l.jsonl", "--out_dir={tmp}/prep"],
+         "l.jsonl is empty", files={"l.jsonl": ""}, setup=existing_shards),
+    Case("prepare-alpaca-not-utf8", ["data/alpaca/prepare.py", "--input={tmp}/a.json", "--out_dir={tmp}/prep"],
+         "a.json is not UTF-8 text", files={"a.json": b'[{"instruction": "caf\xe9", "input": "", "output": "x"}]'},
+         setup=existing_shards),
+    Case("prepare-alpaca-unknown-file-type", ["data/alpaca/prepare.py", "--input={tmp}/a.csv", "--out_dir={tmp}/prep"],
+         "expected a .json, .jsonl or .parquet file", files={"a.csv": "instruction,input,output\n"}),
+    Case("prepare-alpaca-hub-unreachable", ["data/alpaca/prepare.py", "--out_dir={tmp}/prep"], "--input",
+         env={"HF_DATASETS_OFFLINE": "1"}, setup=existing_shards),
+    # --- sample.py with a prompt template
+    Case("sample-unknown-template", ["sample.py", "--device=cpu", "--init_from={base}", "--template=vicuna", "--start=Hi"],
+         "unknown prompt template 'vicuna'; known templates: alpaca, guanaco"),
+    Case("sample-guanaco-with-input", ["sample.py", "--device=cpu", "--init_from={base}", "--template=guanaco",
+                                       "--start=Hi", "--template_input=x"], "the guanaco template has no input section"),
+    Case("sample-input-without-template", ["sample.py", "--device=cpu", "--init_from={base}", "--start=Hi", "--template_input=x"],
+         "--template_input needs --template=alpaca"),
+    # --- eval.py
+    Case("eval-unknown-dataset", ["eval.py", "--device=cpu", "--models={base}", "--datasets=wikitext"], "unknown dataset 'wikitext'"),
+    Case("eval-wrong-schema", ["eval.py", "--device=cpu", "--models={base}", "--datasets=lambada={tmp}/l.jsonl"],
+         "record 0", files={"l.jsonl": '{"sentence": "no text field"}\n'}),
+    Case("eval-empty-dataset", ["eval.py", "--device=cpu", "--models={base}", "--datasets=wikitext2={tmp}/w.jsonl"],
+         "no records", files={"w.jsonl": ""}),
+    Case("eval-hub-unreachable", ["eval.py", "--device=cpu", "--models={base}", "--datasets=wikitext2"], "--datasets=wikitext2=",
+         env={"HF_DATASETS_OFFLINE": "1"}),
+    Case("eval-unknown-task", ["eval.py", "--device=cpu", "--models={base}", "--tasks=arc_challange"],
+         "re:arc_challange.*did you mean.*arc_challenge"),
+    Case("eval-unknown-model", ["eval.py", "--device=cpu", "--models={tmp}/nowhere", "--datasets={data}"], "{tmp}/nowhere"),
     # --- push_to_hub.py
     Case("push-no-token", PUSH + ["--save_dir={tmp}/export"], "no Hugging Face token", env=NO_HUB),
     Case("push-save-dir-not-empty", PUSH + ["--dry_run=true", "--save_dir={tmp}/taken"], "already exists and is not an empty folder",
