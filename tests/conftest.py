@@ -40,3 +40,15 @@ def data(tmp_path_factory):
     write_shard(folder / "train.bin", tokens[:5000].astype(np.uint16))
     write_shard(folder / "val.bin", tokens[5000:].astype(np.uint16))
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def base_bpe(tmp_path_factory):
+    """A tiny random GPT-2 with the whole GPT-2 vocabulary (50257 tokens), so real BPE text and EOT fit it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("base_bpe")
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    return str(folder)

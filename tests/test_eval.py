@@ -24,26 +24,14 @@ OFFLINE = dict(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
-def gpt2_base(tmp_path_factory):
-    """A tiny random GPT-2 with the whole GPT-2 vocabulary (50257 tokens), so any English text fits it."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("gpt2_base")
-    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    GPT2LMHeadModel(cfg).save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def hf(gpt2_base):
+def hf(base_bpe):
     from transformers import GPT2LMHeadModel
-    return GPT2LMHeadModel.from_pretrained(gpt2_base).eval()
+    return GPT2LMHeadModel.from_pretrained(base_bpe).eval()
 
 
 @pytest.fixture(scope="module")
-def ours(gpt2_base):
-    return GPT.from_pretrained(gpt2_base).eval()
+def ours(base_bpe):
+    return GPT.from_pretrained(base_bpe).eval()
 
 
 def run(*args, env=None):
@@ -258,26 +246,26 @@ def test_harness_generate_until_is_greedy_and_stops(ours):
 # -----------------------------------------------------------------------------
 # the command line
 
-def test_cli_on_an_adapter_out_dir_and_an_hf_folder(gpt2_base, data, ours, tmp_path):
+def test_cli_on_an_adapter_out_dir_and_an_hf_folder(base_bpe, data, ours, tmp_path):
     out_dir = tmp_path / "lora"
-    p = subprocess.run([sys.executable, "train.py", f"--init_from={gpt2_base}", f"--dataset={data}",
+    p = subprocess.run([sys.executable, "train.py", f"--init_from={base_bpe}", f"--dataset={data}",
                         f"--out_dir={out_dir}", "--method=lora", "--targets=lora4", "--block_size=32",
                         "--batch_size=2", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
                         "--learning_rate=1e-2", "--warmup_iters=0", "--device=cpu", "--compile=false"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr
     result = tmp_path / "results.json"
-    p = run(f"--models={out_dir},{gpt2_base}", f"--datasets=wikitext2={WIKI},lambada={LAMBADA},imdb={IMDB},valbin={data}",
+    p = run(f"--models={out_dir},{base_bpe}", f"--datasets=wikitext2={WIKI},lambada={LAMBADA},imdb={IMDB},valbin={data}",
             f"--out={result}", "--batch_size=3")
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     header = "| model | wikitext2 ppl | lambada acc | lambada ppl | imdb ppl | valbin ppl |"
     assert header in lines
     rows = lines[lines.index(header) + 2:lines.index(header) + 4]
-    assert [r.split(" | ")[0] for r in rows] == [f"| {out_dir}", f"| {gpt2_base}"]
+    assert [r.split(" | ")[0] for r in rows] == [f"| {out_dir}", f"| {base_bpe}"]
     assert "different contexts" in p.stdout  # the adapter run was trained (and cropped) to 32 positions
     res = json.loads(result.read_text())
-    assert [m["model"] for m in res["models"]] == [str(out_dir), gpt2_base]
+    assert [m["model"] for m in res["models"]] == [str(out_dir), base_bpe]
     lora, base = res["models"]
     assert lora["method"] == "lora" and (lora["block_size"], lora["stride"]) == (32, 16)
     assert set(lora["datasets"]) == {"wikitext2", "lambada", "imdb", "valbin"}
@@ -331,7 +319,7 @@ metric_list:
 }
 
 
-def test_harness_on_local_task_yamls(gpt2_base, tmp_path):
+def test_harness_on_local_task_yamls(base_bpe, tmp_path):
     docs = [{"question": "What colour is the sky on a clear day?", "choices": ["blue", "green", "red"], "answer": 0},
             {"question": "How many legs does a cat have?", "choices": ["two", "four", "six"], "answer": 1},
             {"question": "Which is the largest?", "choices": ["a mouse", "a dog", "an elephant"], "answer": 2},
@@ -345,7 +333,7 @@ def test_harness_on_local_task_yamls(gpt2_base, tmp_path):
         (tasks / f"{name}.yaml").write_text(head + body.lstrip())
     result = tmp_path / "harness.json"
     env = dict(HF_HOME=str(tmp_path / "hf_home"))
-    p = run(f"--models={gpt2_base}", "--tasks=tiny_mc,tiny_gen,tiny_rolling", f"--include_path={tasks}",
+    p = run(f"--models={base_bpe}", "--tasks=tiny_mc,tiny_gen,tiny_rolling", f"--include_path={tasks}",
             "--limit=3", f"--out={result}", "--bootstrap_iters=0", env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(result.read_text())["models"][0]
@@ -358,7 +346,7 @@ def test_harness_on_local_task_yamls(gpt2_base, tmp_path):
     header = "| model | tiny_mc acc | tiny_gen exact_match | tiny_rolling word_perplexity | tiny_rolling bits_per_byte |"
     assert header in p.stdout.splitlines()
 
-    p = run(f"--models={gpt2_base}", "--tasks=tiny_mcc", f"--include_path={tasks}", env=env)
+    p = run(f"--models={base_bpe}", "--tasks=tiny_mcc", f"--include_path={tasks}", env=env)
     assert p.returncode == 2
     error = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "tiny_mcc" in error[0] and "tiny_mc" in error[0].split("did you mean")[1]
@@ -375,8 +363,8 @@ def one_line_error(p):
     return lines[0]
 
 
-def test_bad_input_stops_with_one_line(gpt2_base, tmp_path):
-    model = f"--models={gpt2_base}"
+def test_bad_input_stops_with_one_line(base_bpe, tmp_path):
+    model = f"--models={base_bpe}"
     err = one_line_error(run(model, "--datasets=wikitext"))
     assert "unknown dataset 'wikitext'" in err and "wikitext2" in err and "lambada" in err and "imdb" in err
 

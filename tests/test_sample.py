@@ -37,20 +37,16 @@ def test_sample_from_adapter_run_and_from_base(base, data, tmp_path):
     assert p.returncode == 2 and "no checkpoint" in p.stderr
 
 
-def test_template_before_and_after_instruction_tuning(tmp_path):
+def test_template_before_and_after_instruction_tuning(base_bpe, tmp_path):
     """Prepare the Alpaca fixture, instruction-tune a tiny GPT-2 (real vocabulary) on it, then ask with --template."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=128, vocab_size=50257)).save_pretrained(base)
+    base = base_bpe
     data, out = tmp_path / "alpaca", tmp_path / "out"
     p = subprocess.run([sys.executable, "data/alpaca/prepare.py", "--input=tests/fixtures/alpaca.json", f"--out_dir={data}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert (data / "template.txt").read_text().strip() == "alpaca"
     p = run("train.py", f"--init_from={base}", f"--dataset={data}", f"--out_dir={out}", "--method=full",
-            "--block_size=128", "--batch_size=4", "--max_iters=30", "--eval_interval=30", "--eval_iters=1",
+            "--block_size=64", "--batch_size=4", "--max_iters=30", "--eval_interval=30", "--eval_iters=1",
             "--learning_rate=1e-2", "--warmup_iters=0", "--decay_lr=false", "--compile=false")
     assert p.returncode == 0, p.stderr
     import instruct

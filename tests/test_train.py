@@ -125,19 +125,6 @@ def test_bad_input_stops_with_one_line(base, data, tmp_path):
 EOT = 50256
 
 
-@pytest.fixture(scope="module")
-def base_bpe(tmp_path_factory):
-    """A tiny GPT-2 with the real vocabulary size, so EOT (50256) is a valid token."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("base_bpe")
-    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=50257,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    GPT2LMHeadModel(cfg).save_pretrained(folder)
-    return str(folder)
-
-
 def write_examples(folder, split, examples):
     """examples: (prompt ids, response ids) pairs -> {split}.bin and {split}_mask.bin, EOT after each."""
     ids, mask = [], []
