@@ -80,7 +80,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
@@ -270,11 +269,10 @@ def token_nll(model, rows, device="cpu", ctx=nullcontext()):
         Y[i, :len(y)] = torch.as_tensor(y, dtype=torch.long)
     X, Y = X.to(device), Y.to(device)
     with ctx:
-        logits, _ = model(X, targets=Y)  # (B, T, V): with targets the model returns every position
+        logits, nll = model(X, targets=Y, reduction="none")  # (B, T, V), (B, T): every position
     scored = Y >= 0  # (B, T)
-    logits, targets = logits[scored].float(), Y[scored]  # (N, V), (N,)
-    nll = F.cross_entropy(logits, targets, reduction="none")  # (N,)
-    hit = logits.argmax(dim=-1) == targets  # (N,)
+    nll = nll[scored].float()  # (N,)
+    hit = logits[scored].argmax(dim=-1) == Y[scored]  # (N,)
     return nll, hit, scored.sum(dim=1).tolist()
 
 

@@ -196,11 +196,13 @@ class GPT(nn.Module):
         """An empty KV cache sized for this model (batch size and dtype are set by the first call)."""
         return KVCache(self.config.n_layer, self.config.block_size)
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, reduction="mean"):
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T): logits (B, T, V) and the mean cross-entropy over positions whose target
-        is not -1. Without: logits (B, 1, V) of the last position only and loss None.
+        is not -1 (reduction="none": the per-position cross-entropy (B, T), 0 where the target is -1,
+        which is what eval.py scores with). Without: logits (B, 1, V) of the last position only and
+        loss None.
         With a kv_cache the T tokens continue the cached ones: they sit at positions
         pos..pos+T-1, attend to the cached keys/values, and are appended to the cache.
         """
@@ -220,7 +222,10 @@ class GPT(nn.Module):
             kv_cache.pos += T
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction=reduction)
+            if reduction == "none":
+                loss = loss.view(B, T)  # (B, T)
         else:
             logits = self.lm_head(x[:, [-1], :])  # (B, 1, V), the list index keeps the time dim
             loss = None
