@@ -105,8 +105,19 @@ threads = os.cpu_count() or 1  # torch threads in every measurement; 0 = torch's
 seed = 1337
 timeout = 3600  # seconds allowed per measurement process
 out = ""  # also write the results as JSON to this file
-# -----------------------------------------------------------------------------
-config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:])
+# the valid values of every key (configurator's rules), checked before anything runs
+_ = configurator.ANY
+domains = {
+    "method": lambda m: None if m in ("all", *peft.METHODS) else f"choose 'all' or one of {', '.join(peft.METHODS)}",
+    "n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1", "vocab_size": ">= 1", "block_size": ">= 1",
+    "batch_size": ">= 1", "seq_len": ">= 1",
+    **{k: rule for k, rule in peft.config.train_domains().items() if k not in ("method", "quantize", "base_dtype")},
+    "learning_rate": "> 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)",
+    "warmup": ">= 0", "steps": ">= 1", "bf16": _, "bf16_warmup": ">= 0", "bf16_steps": ">= 1", "bf16_max_s": ">= 0",
+    "hf": _, "forward": _, "sample_tokens": ">= 0", "sample_prompt": ">= 1", "threads": ">= 0",
+    "seed": "[0, 18446744073709551615]", "timeout": "> 0", "out": _,
+}
+config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:], domains)
 globals().update(config)
 # -----------------------------------------------------------------------------
 
@@ -114,10 +125,6 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 GOAL_VS_LORA = {"dora": 1.15, "oft": 1.3, "ether": 1.1, "etherplus": 1.1, "etherplusHH": 1.1}  # max step-time ratio
 
 # checks that need no model
-if method != "all" and method not in peft.METHODS:
-    close = difflib.get_close_matches(method, ["all", *peft.METHODS], n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise UserError(f"--method={method}{hint}: choose 'all' or one of {', '.join(peft.METHODS)}")
 if n_embd % n_head:
     raise UserError(f"n_embd={n_embd} is not a multiple of n_head={n_head}")
 if seq_len > block_size:
@@ -125,9 +132,6 @@ if seq_len > block_size:
 if method in ("full", "all") and sample_tokens and sample_prompt + sample_tokens > block_size:
     raise UserError(f"sample_prompt + sample_tokens = {sample_prompt + sample_tokens} exceeds block_size="
                     f"{block_size}: the KV cache would fill up; raise --block_size or sample fewer tokens")
-if min(batch_size, seq_len, steps, bf16_steps, sample_prompt) < 1 or min(warmup, bf16_warmup, sample_tokens) < 0:
-    raise UserError("batch_size, seq_len, steps, bf16_steps and sample_prompt must be >= 1; "
-                    "warmup, bf16_warmup and sample_tokens >= 0")
 
 
 def peft_config(m, **over):

@@ -86,7 +86,13 @@ runs = ()  # [(name, {train.py key: value}), ...]
 defaults = configurator.defaults_from(globals())
 common = {}  # {train.py key: value} for every run (a dict, so added here: defaults_from keeps simple types)
 defaults["common"] = common
-config = configurator.configure(defaults, sys.argv[1:])
+_ = configurator.ANY
+domains = {  # the valid values of every key (configurator's rules), checked before anything runs
+    "base_config": configurator.PATH, "out_dir": configurator.PATH, "assets_dir": _, "assets_name": configurator.PATH,
+    "device": lambda d: d and configurator.DEVICE(d), "max_runs": ">= 0", "plot_only": _, "dry_run": _, "runs": _,
+    "common": _,
+}
+config = configurator.configure(defaults, sys.argv[1:], domains)
 globals().update(config)
 # -----------------------------------------------------------------------------
 
@@ -228,15 +234,16 @@ def train_defaults():
     p.stdout.close()
     if p.returncode != 0:
         raise UserError(f"`python train.py --help` failed (exit {p.returncode}): {out.strip().splitlines()[-1:]}")
-    keys = {}
+    keys, rules = {}, {}
     for line in out.splitlines():
-        m = re.match(r"\s+--(\w+)\s*= (.*)$", line)
-        if m:
+        m = re.match(r"\s+--(\w+)\s*= (.*?)(?:  # (.*))?$", line)
+        if m:  # `--key = default  # valid values`: a grid is checked against train.py's own rules
             keys[m.group(1)] = ast.literal_eval(m.group(2))
+            rules[m.group(1)] = configurator.parse_rule(m.group(3) or "")
     missing = [k for k in list(TRAIN_KEYS) + list(OPTIMIZER_KEYS) + list(RESERVED_KEYS) if k not in keys]
     if missing:
         raise RuntimeError(f"train.py has no key(s) {', '.join(missing)}; compare.py and train.py disagree")
-    return keys, maxrss_mb(usage)
+    return keys, rules, maxrss_mb(usage)
 
 
 def maxrss_mb(usage):
@@ -260,9 +267,9 @@ def set_key(cfg, keys, key, value, where):
     cfg[key] = configurator.check_type(key, value, keys[key], f"in {where}")
 
 
-def resolve(grid, keys):
+def resolve(grid, keys, rules):
     """Each run's complete train.py config and the command line that gives exactly it."""
-    base = configurator.configure(keys, [base_config])
+    base = configurator.configure(keys, [base_config], rules)
     shared = dict(base)
     for key in TRAIN_KEYS:  # method settings come from each run's entry, not from base_config
         shared[key] = keys[key]
@@ -285,6 +292,8 @@ def resolve(grid, keys):
         if "learning_rate" in settings and "min_lr" not in settings:
             cfg["min_lr"] = float(f"{cfg['learning_rate'] * shared['min_lr'] / shared['learning_rate']:.12g}")
         try:
+            for key, value in cfg.items():  # train.py's declared valid values, before any run starts
+                configurator.check(key, value, rules[key])
             peft.PeftConfig.from_train_config(cfg)
         except UserError as e:
             raise fail_in(where, str(e)) from None
@@ -294,7 +303,7 @@ def resolve(grid, keys):
         if cfg["wandb_log"]:
             cfg["wandb_run_name"] = name
         args = [base_config] + [f"--{k}={arg(v)}" for k, v in cfg.items() if v != base[k]]
-        if configurator.configure(keys, args) != cfg:  # the command line must give exactly this config
+        if configurator.configure(keys, args, rules) != cfg:  # the command line must give exactly this config
             raise RuntimeError(f"run '{name}': the train.py arguments {args} do not reproduce its config")
         plans.append({"name": name, "settings": settings, "config": cfg, "args": args})
     return plans
@@ -739,8 +748,8 @@ if plot_only:
 
 grid = check_runs()
 state = check_out_dir(grid)
-keys, baseline_mb = train_defaults()
-plans = resolve(grid, keys)
+keys, rules, baseline_mb = train_defaults()
+plans = resolve(grid, keys, rules)
 if dry_run:
     for plan in plans:
         print(f"{plan['name']}: {shlex.join(['python', 'train.py'] + plan['args'])}")

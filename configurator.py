@@ -16,6 +16,19 @@ where `defaults` maps each key to its default value. Arguments are applied left 
   str (taken as is, may contain '='), tuple (`--targets=q,v` or `--targets="('q','v')"`).
   Keys whose default is None accept a Python literal, `None`, or else a string.
 
+Each script also declares the valid values of every key, in one dict next to its defaults:
+
+    domains = {"batch_size": ">= 1", "dropout": "[0, 1)", "dtype": ("float32", "bfloat16", "float16"),
+               "out_dir": configurator.PATH, "compile": configurator.ANY}
+    config = configurator.configure(defaults, sys.argv[1:], domains)
+
+A rule is an interval ("[a, b]", "(a, b)", "[a, b)", "(a, b]", or ">= a", "> a", "<= b", "< b"), a
+tuple of the allowed values, a function value -> None or what is wrong, or ANY. A float is always
+finite (nan and inf are refused). A script that forgets to declare a key does not start, so no key
+escapes the check. Every value is checked after all files and overrides are applied, before the
+script does anything, and a value outside its domain stops with one line that names the key, the
+value, where it was set and the valid range.
+
 Unknown keys, wrong types and broken config files stop with one line (errors.UserError) that
 names the key or the line and says how to fix it. A script that reads only a few keys of another
 script's config files (push_to_hub.py reads out_dir from a training config) passes
@@ -25,7 +38,9 @@ still an error on the command line, where they can only be typos.
 
 import ast
 import difflib
+import math
 import os
+import re
 
 from errors import UserError
 
@@ -83,8 +98,11 @@ def convert(key, text, default):
 
 def check_type(key, value, default, where):
     """A value set in a config file must have the default's type (an int is a fine float)."""
-    if default is None or value is None:
+    if default is None:
         return value
+    if value is None:
+        raise UserError(f"config key '{key}' {where} is None, but it must be of type {_type_name(default)} "
+                        f"(e.g. {key} = {default!r}); remove the line to keep the default")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise UserError(f"config key '{key}' {where} must be of type bool, got {_type_name(value)} {value!r}")
@@ -100,7 +118,7 @@ def check_type(key, value, default, where):
     return value
 
 
-def _run_config_file(path, config, defaults, ignore_unknown=False):
+def _run_config_file(path, config, defaults, origin, ignore_unknown=False):
     if not os.path.isfile(path):
         raise UserError(f"config file '{path}' does not exist (config files are given as paths, e.g. config/finetune_shakespeare.py)")
     try:
@@ -116,6 +134,9 @@ def _run_config_file(path, config, defaults, ignore_unknown=False):
     scope = dict(config)
     try:
         exec(code, scope)
+    except SystemExit as e:  # exit() in a config file must not end the run silently with exit 0
+        raise UserError(f"{path} calls exit({'' if e.code is None else repr(e.code)}); a config file only sets "
+                        f"keys, so remove that call") from None
     except Exception as e:  # a config file is user code: report where it broke, in one line
         tb = e.__traceback__
         line = None
@@ -134,26 +155,58 @@ def _run_config_file(path, config, defaults, ignore_unknown=False):
                 continue
             raise _unknown(key, list(defaults), f"in {path}")
         config[key] = check_type(key, value, defaults[key], f"in {path}")
+        origin[key] = path
 
 
-def help_text(defaults):
+def rule_text(rule):
+    """A rule as --help shows it: an interval as written, a tuple as its repr (both read back by
+    parse_rule), a function by its docstring."""
+    if isinstance(rule, tuple):
+        return repr(rule)
+    if callable(rule):
+        return (rule.__doc__ or "checked by the script").strip().splitlines()[0]
+    return "" if rule == ANY else rule
+
+
+def parse_rule(text):
+    """The rule of a `--help` line back (an interval or a tuple), or ANY for what only the script can check."""
+    try:
+        value = ast.literal_eval(text)
+        if isinstance(value, tuple):
+            return value
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        _interval(text)
+        return text
+    except RuntimeError:
+        return ANY
+
+
+def help_text(defaults, domains):
     width = max(len(k) for k in defaults)
-    lines = ["usage: [config/file.py ...] [--key=value ...]", "keys and defaults:"]
-    lines += [f"  --{k.ljust(width)} = {v!r}" for k, v in defaults.items()]
+    lines = ["usage: [config/file.py ...] [--key=value ...]", "keys, defaults  # valid values:"]
+    for k, v in defaults.items():
+        rule = rule_text(domains[k])
+        lines.append(f"  --{k.ljust(width)} = {v!r}" + (f"  # {rule}" if rule else ""))
     return "\n".join(lines)
 
 
-def configure(defaults, argv, ignore_unknown_from_files=False):
-    """Apply config files and --key=value overrides in order; return the final {key: value}.
+def configure(defaults, argv, domains, ignore_unknown_from_files=False):
+    """Apply config files and --key=value overrides in order, check every value against `domains`
+    ({key: rule}, one for each key of `defaults`), and return the final {key: value}.
 
     ignore_unknown_from_files: skip unknown keys set by config files (not on the command line)."""
-    config = dict(defaults)
+    undeclared = [k for k in defaults if k not in domains]
+    if undeclared:  # the script's own bug, not the user's: every key needs a declared domain
+        raise RuntimeError(f"config keys without a declared domain: {', '.join(undeclared)}")
+    config, origin = dict(defaults), {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(help_text(defaults))
+            print(help_text(defaults, domains))
             raise SystemExit(0)
         if not arg.startswith("--"):
-            _run_config_file(arg, config, defaults, ignore_unknown_from_files)
+            _run_config_file(arg, config, defaults, origin, ignore_unknown_from_files)
             continue
         if "=" not in arg:
             raise UserError(f"'{arg}': write overrides as --key=value")
@@ -161,10 +214,112 @@ def configure(defaults, argv, ignore_unknown_from_files=False):
         if key not in defaults:
             raise _unknown(key, list(defaults), "on the command line")
         config[key] = convert(key, text, defaults[key])
+        origin.pop(key, None)
+    for key, value in config.items():
+        check(key, value, domains[key], f" (set in {origin[key]})" if key in origin else "")
     return config
 
 
+def is_key(name):
+    """Config keys are lower-case public names; UPPER_CASE module constants (EOT, ROOT) never are."""
+    return not name.startswith("_") and name == name.lower()
+
+
 def defaults_from(namespace):
-    """The config keys of a script: its public module-level values of simple types, in order."""
+    """The config keys of a script: its public lower-case module-level values of simple types, in order."""
     simple = (int, float, bool, str, tuple, type(None))
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, simple)}
+    return {k: v for k, v in namespace.items() if is_key(k) and isinstance(v, simple)}
+
+
+# -----------------------------------------------------------------------------
+# domains: the valid values of each key
+
+ANY = "any"  # every value of the key's type
+
+
+def PATH(value):
+    """a path, not empty"""
+    return None if str(value).strip() else "must not be empty"
+
+
+def DEVICE(value):
+    """cpu, cuda, cuda:N or mps, available on this machine"""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value):
+        return "must be cpu, cuda, cuda:N or mps"
+    import torch  # here: configurator itself does not need torch
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        return "CUDA is not available on this machine; use --device=cpu"
+    if value.startswith("cuda:") and int(value[5:]) >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+    if value == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available on this machine; use --device=cpu"
+    return None
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+_BOUND = re.compile(r"\s*(>=|>|<=|<)\s*(\S+)\s*$")
+_INTERVAL = re.compile(r"\s*([\[(])\s*([^,]+),\s*([^\])]+)([\])])\s*$")
+
+
+def _interval(rule):
+    """'[1, inf)' or '>= 1' -> (lo, lo_closed, hi, hi_closed)."""
+    m = _BOUND.match(rule)
+    if m:
+        op, x = m.group(1), float(m.group(2))
+        return (x, op == ">=", math.inf, False) if op[0] == ">" else (-math.inf, False, x, op == "<=")
+    m = _INTERVAL.match(rule)
+    if not m:
+        raise RuntimeError(f"bad domain rule {rule!r}")
+    return float(m.group(2)), m.group(1) == "[", float(m.group(3)), m.group(4) == "]"
+
+
+def _describe(rule, value):
+    kind = "an integer" if isinstance(value, int) else "a number"
+    m = _BOUND.match(rule)
+    return f"{kind} {m.group(1)} {m.group(2)}" if m else f"{kind} in {rule.strip()}"
+
+
+def check(key, value, rule, where=""):
+    """Raise UserError (one line: key, value, where it was set, the valid range) if `value` breaks `rule`."""
+    shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+    def fail(why):
+        raise UserError(f"--{key}={shown}{where}: {why}")
+
+    if isinstance(value, float) and not math.isfinite(value):
+        fail("must be a finite number")
+    if rule == ANY:
+        return
+    if isinstance(rule, tuple):
+        if value not in rule:
+            close = difflib.get_close_matches(str(value), [str(c) for c in rule], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            fail(f"must be one of {', '.join(repr(c) if c == '' else str(c) for c in rule)}{hint}")
+        return
+    if callable(rule):
+        why = rule(value)
+        if why:
+            fail(why)
+        return
+    lo, lo_closed, hi, hi_closed = _interval(rule)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(f"must be {_describe(rule, 0.0)}")
+    if value < lo or value > hi or (value == lo and not lo_closed) or (value == hi and not hi_closed):
+        fail(f"must be {_describe(rule, value)}")
+
+
+def check_args(args, domains):
+    """The same check for an argparse namespace (the prepare scripts): {dest: rule}; None values pass."""
+    for key, rule in domains.items():
+        value = getattr(args, key)
+        if value is not None:
+            check(key, value, rule)
+
+
+def one_line_argparse(parser):
+    """Make an argparse parser report a bad argument as one `error:` line (a UserError), like every
+    other script, instead of argparse's usage block."""
+    def error(message):
+        raise UserError(f"{message}; run with --help for usage")
+    parser.error = error
+    return parser

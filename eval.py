@@ -110,6 +110,14 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "float32"  # 'float32', 'bfloat16' or 'float16' (autocast)
 # -----------------------------------------------------------------------------
 DEFAULTS = configurator.defaults_from(dict(globals()))
+_ = configurator.ANY
+DOMAINS = {  # the valid values of every key (configurator's rules), checked before anything runs
+    "models": lambda v: None if v else "give at least one model, e.g. --models=gpt2,out-lora",
+    "datasets": _, "block_size": lambda v: None if v == 0 or v >= 2 else "must be 0 (the model's context) or >= 2",
+    "stride": ">= 0", "batch_size": ">= 1", "max_docs": ">= 0", "tasks": _, "include_path": _,
+    "num_fewshot": ">= -1", "limit": ">= 0", "max_gen_toks": ">= 1", "bootstrap_iters": ">= 0", "base": _,
+    "out": configurator.PATH, "device": configurator.DEVICE, "dtype": configurator.DTYPES,
+}
 
 DEFAULT_DATASETS = ("wikitext2", "lambada", "imdb")
 # name -> (datasets.load_dataset path, config name, split); every one has a "text" field
@@ -577,18 +585,10 @@ def write_json(path, obj):
 # -----------------------------------------------------------------------------
 
 def main(argv):
-    c = SimpleNamespace(**configurator.configure(DEFAULTS, argv))
-    if c.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={c.device}: CUDA is not available on this machine; use --device=cpu")
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(c.dtype)
-    if ptdtype is None:
-        raise UserError(f"--dtype={c.dtype}: expected float32, bfloat16 or float16")
-    device_type = "cuda" if c.device.startswith("cuda") else "cpu"
+    c = SimpleNamespace(**configurator.configure(DEFAULTS, argv, DOMAINS))
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype]
+    device_type = "cuda" if c.device.startswith("cuda") else c.device
     ctx = nullcontext() if c.dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
-    if not c.models:
-        raise UserError("--models is empty; give at least one model, e.g. --models=gpt2,out-lora")
-    if c.batch_size < 1:
-        raise UserError(f"--batch_size={c.batch_size}: must be at least 1")
 
     # check and load everything that does not depend on the model first: a typo fails in seconds
     tm = task_manager(c.tasks, c.include_path) if c.tasks else None

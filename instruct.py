@@ -329,7 +329,9 @@ def prepare_cli(description, name, hub_id, parse_turns, argv=None, out_dir=None,
     --val_examples nor --val_fraction is given); otherwise the last examples of the training records
     (a deterministic tail: the same file always gives the same split)."""
     import argparse
+    import configurator
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    configurator.one_line_argparse(parser)
     parser.add_argument("--input", metavar="FILE",
                         help=f"a .json, .jsonl or .parquet file in {hub_id}'s schema (works offline); "
                              f"default: download {hub_id} from the Hub")
@@ -343,13 +345,9 @@ def prepare_cli(description, name, hub_id, parse_turns, argv=None, out_dir=None,
     parser.add_argument("--val_fraction", type=float, default=None,
                         help="hold out this share of the examples (the last ones) for validation (default: 0.05 "
                              "when the dataset has no test split with answers)")
-    args = parser.parse_args(argv)
-    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        raise UserError(f"--val_fraction={args.val_fraction} must lie strictly between 0 and 1, e.g. 0.05")
-    if args.val_examples is not None and args.val_examples < 1:
-        raise UserError(f"--val_examples={args.val_examples} must be at least 1")
-    if args.max_length < 2:
-        raise UserError(f"--max_length={args.max_length} is too small; give at least 2, e.g. 1024")
+    args = parser.parse_args(argv)  # the valid values of every argument (configurator's rules):
+    configurator.check_args(args, {"input": configurator.PATH, "out_dir": configurator.PATH, "max_length": ">= 2",
+                                   "val_examples": ">= 1", "val_fraction": "(0, 1)"})
     tail_asked = args.val_examples is not None or args.val_fraction is not None
 
     val_examples = None

@@ -27,8 +27,9 @@ train_config = "config/pretrain_base_milton.py"
 out_dir = "out-base-milton"
 save_dir = "models/gpt2-milton"
 overwrite = False  # retrain even if out_dir already holds a finished run
-# -----------------------------------------------------------------------------
-config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:])
+domains = {"train_config": configurator.PATH, "out_dir": configurator.PATH, "save_dir": configurator.PATH,
+           "overwrite": configurator.ANY}  # the valid values of every key (configurator's rules)
+config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:], domains)
 globals().update(config)
 # -----------------------------------------------------------------------------
 

@@ -55,8 +55,14 @@ base_model = ""  # Hub id of the base, when training used a local copy of it (fo
 license = "mit"  # the card's licence (GPT-2 is MIT)
 datasets = ()  # Hub dataset ids for the card's metadata, e.g. --datasets=karpathy/tiny_shakespeare
 save_dtype = ""  # dtype of the merged weights: '' = the training dtype, or float32 / bfloat16 / float16
-# -----------------------------------------------------------------------------
-config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:], ignore_unknown_from_files=True)
+_ = configurator.ANY
+domains = {  # the valid values of every key (configurator's rules), checked before anything runs
+    "out_dir": configurator.PATH, "repo_id": _, "what": ("", "merged", "adapter", "both"), "private": _,
+    "revision": _, "commit_message": _, "dry_run": _, "save_dir": _, "base_model": _, "license": _,
+    "datasets": _, "save_dtype": ("",) + configurator.DTYPES,
+}
+config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:], domains,
+                                ignore_unknown_from_files=True)
 globals().update(config)
 # -----------------------------------------------------------------------------
 
@@ -66,10 +72,6 @@ if not repo_id:
 if not hub.REPO_ID.match(repo_id):
     raise UserError(f"--repo_id={repo_id}: expected user/name (your Hub user or organisation, '/', the model's "
                     f"name; letters, digits, '-', '_', '.')")
-if what not in ("", "merged", "adapter", "both"):
-    raise UserError(f"--what={what}: choose merged, adapter or both")
-if save_dtype not in ("", "float32", "bfloat16", "float16"):
-    raise UserError(f"--save_dtype={save_dtype}: choose float32, bfloat16 or float16 ('' = the training dtype)")
 if base_model and not (hub.REPO_ID.match(base_model) or base_model in hub.HUB_MODELS):
     raise UserError(f"--base_model={base_model}: expected the base's Hub id, e.g. openai-community/gpt2")
 for d in datasets:

@@ -44,18 +44,20 @@ use_cache = True
 template = ""  # '' = plain continuation; 'guanaco' or 'alpaca' = answer --start as an instruction
 template_input = ""  # alpaca only: the optional input that goes with the instruction
 merge_adapters = True  # fold adapters into the weights first: sampling then runs at the base model's speed
-# -----------------------------------------------------------------------------
-config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:])
+_ = configurator.ANY
+domains = {  # the valid values of every key (configurator's rules), checked before anything runs
+    "init_from": configurator.PATH, "out_dir": configurator.PATH, "start": _, "num_samples": ">= 1",
+    "max_new_tokens": ">= 1", "temperature": ">= 0", "top_k": ">= 0", "top_p": "(0, 1]",
+    "seed": "[0, 18446744073709551615]", "device": configurator.DEVICE, "dtype": configurator.DTYPES, "compile": _,
+    "use_cache": _, "template": ("",) + tuple(instruct.TEMPLATES), "template_input": _, "merge_adapters": _,
+}
+config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:], domains)
 globals().update(config)
 # -----------------------------------------------------------------------------
 
-if device.startswith("cuda") and not torch.cuda.is_available():
-    raise UserError(f"--device={device}: CUDA is not available on this machine; use --device=cpu")
 torch.manual_seed(seed)
-device_type = "cuda" if device.startswith("cuda") else "cpu"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-if ptdtype is None:
-    raise UserError(f"--dtype={dtype}: expected float32, bfloat16 or float16")
+device_type = "cuda" if device.startswith("cuda") else device
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 if init_from == "resume":

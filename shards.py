@@ -334,13 +334,16 @@ def prepare_cli(description, texts_dir, out_dir, url=None, argv=None):
     """The command line shared by data/*/prepare.py: pick the text (--input file, else a download from
     `url` unless --offline, else the bundled texts_dir/*.txt) and prepare train.bin/val.bin from it."""
     import argparse
+    import configurator
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    configurator.one_line_argparse(parser)
     parser.add_argument("--input", metavar="FILE", help="prepare this UTF-8 text file instead of the default corpus")
     parser.add_argument("--out_dir", default=out_dir, help="where to write train.bin and val.bin (default: %(default)s)")
     parser.add_argument("--offline", action="store_true",
                         help="do not try to download; use the bundled texts" if url else "accepted for symmetry: this corpus is bundled, nothing is downloaded")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="share of the text (its end) used for validation")
     args = parser.parse_args(argv)
+    configurator.check_args(args, {"input": configurator.PATH, "out_dir": configurator.PATH, "val_fraction": "(0, 1)"})
 
     if args.input:
         print(f"preparing {args.input}")

@@ -35,7 +35,7 @@ import peft
 from errors import UserError
 from model import GPTConfig
 from shards import read_shard
-from tokenizer import EOT
+from tokenizer import EOT  # an UPPER_CASE constant: never a config key (configurator.is_key)
 
 errors.install()
 
@@ -102,23 +102,34 @@ dtype = "float32"  # 'float32', 'bfloat16' or 'float16' (autocast)
 compile = False
 seed = 1337
 peak_flops = 0.0  # for MFU; 0 = look the device up in a table (measured matmul peak on CPU)
-# -----------------------------------------------------------------------------
+# the valid values of every key (configurator's rules), checked before anything runs
+_ = configurator.ANY
+domains = {
+    "out_dir": configurator.PATH, "overwrite": _, "eval_interval": ">= 1", "log_interval": ">= 1", "eval_iters": ">= 1",
+    "eval_only": _, "always_save_checkpoint": _, "init_from": configurator.PATH,
+    "tensorboard_log": _, "wandb_log": _, "wandb_project": _, "wandb_run_name": _,
+    "dataset": configurator.PATH, "mask_prompt": _, "batch_size": ">= 1", "block_size": ">= 1",
+    "gradient_accumulation_steps": ">= 1",
+    "n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1", "vocab_size": "[1, 65536]",  # token shards are uint16
+    "dropout": "[0, 1)", "bias": _,
+    **peft.config.train_domains(),  # method, r, alpha, targets, ...: the rules of peft/config.py
+    "learning_rate": "> 0", "max_iters": ">= 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)",
+    "grad_clip": ">= 0", "decay_lr": _, "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "min_lr": ">= 0",
+    "backend": ("", "nccl", "gloo"), "device": configurator.DEVICE, "dtype": configurator.DTYPES, "compile": _,
+    "seed": "[0, 18446744073709551615]", "peak_flops": ">= 0",
+}
 defaults = configurator.defaults_from(globals())
-config = configurator.configure(defaults, sys.argv[1:])
+config = configurator.configure(defaults, sys.argv[1:], domains)
 globals().update(config)
 # -----------------------------------------------------------------------------
 
-# checks that need no model: stop early, before anything is loaded or written
-peft_config = peft.PeftConfig.from_train_config(config)  # validates: unknown method, bad rank, ...
-if dtype not in ("float32", "bfloat16", "float16"):
-    raise UserError(f"--dtype={dtype}: expected float32, bfloat16 or float16")
+# checks across keys, that need no model: stop early, before anything is loaded or written
+peft_config = peft.PeftConfig.from_train_config(config)  # validates: bad targets, quantize without bitsandbytes, ...
+if init_from == "scratch" and n_embd % n_head:
+    raise UserError(f"n_embd={n_embd} must be divisible by n_head={n_head} (each head gets n_embd // n_head dimensions)")
+if decay_lr and min_lr > learning_rate:
+    raise UserError(f"min_lr={min_lr} is above learning_rate={learning_rate}: the schedule decays to min_lr; lower --min_lr")
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-if device_type == "cuda" and not torch.cuda.is_available():
-    raise UserError(f"--device={device}: CUDA is not available on this machine; use --device=cpu")
-if device_type == "mps" and not torch.backends.mps.is_available():
-    raise UserError(f"--device={device}: MPS is not available on this machine; use --device=cpu")
-if device_type not in ("cpu", "cuda", "mps"):
-    raise UserError(f"--device={device}: expected cpu, cuda, cuda:N or mps")
 
 # DDP: one process per device, launched by torchrun
 ddp = int(os.environ.get("RANK", -1)) != -1

@@ -50,6 +50,7 @@ import difflib
 import importlib.util
 from dataclasses import dataclass
 
+import configurator
 from errors import UserError
 
 PRESETS = {
@@ -79,6 +80,48 @@ TRAIN_KEYS = {"method": "method", "r": "r", "alpha": "alpha", "adapter_dropout":
 INITS = ("kaiming", "gaussian")
 QUANTIZE = (None, "nf4")
 BASE_DTYPES = (None, "float32", "bfloat16", "float16")
+
+
+def _known_method(name):
+    """full or a name in peft.METHODS"""
+    from peft import METHODS  # here, not at import time: peft/__init__.py imports this file
+    if name in METHODS:
+        return None
+    if name.lower() == "rslora":
+        hint = " (rsLoRA is method='lora' with use_rslora=True)"
+    else:
+        close = difflib.get_close_matches(name, list(METHODS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown method{hint}; choose one of {', '.join(METHODS)}"
+
+
+# the valid values of each field, as configurator rules: validate() checks them, and train.py and
+# bench.py declare their PEFT keys with these same rules (train_domains)
+DOMAINS = {
+    "method": _known_method,
+    "r": ">= 1",
+    "alpha": "> 0",  # alpha = 0 would scale every update to nothing
+    "dropout": "[0, 1)",
+    "targets": configurator.ANY,  # names are checked against the model by inject()
+    "use_rslora": configurator.ANY,
+    "init": INITS,
+    "oft_block_size": ">= 2",  # a 1x1 skew-symmetric block is 0: its Cayley rotation is I forever
+    "coft_eps": ">= 0",
+    "block_share": configurator.ANY,
+    "ether_nb": ">= 1",
+    "flip_side": configurator.ANY,
+    "quantize": QUANTIZE,
+    "base_dtype": BASE_DTYPES,
+}
+
+
+def train_domains():
+    """DOMAINS under train.py's key names (TRAIN_KEYS), where '' stands for None."""
+    out = {}
+    for key, field in TRAIN_KEYS.items():
+        rule = DOMAINS[field]
+        out[key] = tuple("" if c is None else c for c in rule) if isinstance(rule, tuple) else rule
+    return out
 
 
 @dataclass
@@ -115,33 +158,13 @@ class PeftConfig:
 
     def validate(self):
         """Raise UserError (one line) for any setting that cannot work."""
-        from peft import METHODS  # here, not at import time: peft/__init__.py imports this file
-        if self.method not in METHODS:
-            hint = ""
-            if self.method.lower() == "rslora":
-                hint = " (rsLoRA is method='lora' with use_rslora=True)"
-            else:
-                close = difflib.get_close_matches(self.method, list(METHODS), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"unknown method '{self.method}'{hint}; choose one of {', '.join(METHODS)}")
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+        from peft import METHODS
+        if not isinstance(self.r, int) or isinstance(self.r, bool):
             raise UserError(f"r={self.r!r}: the rank must be an integer >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout={self.dropout}: must be in [0, 1)")
-        if self.init not in INITS:
-            raise UserError(f"init='{self.init}': choose one of {', '.join(INITS)}")
-        if self.oft_block_size < 1:
-            raise UserError(f"oft_block_size={self.oft_block_size}: must be >= 1")
-        if self.ether_nb < 1:
-            raise UserError(f"ether_nb={self.ether_nb}: must be >= 1")
-        if self.coft_eps < 0:
-            raise UserError(f"coft_eps={self.coft_eps}: must be >= 0 (0 turns COFT off)")
+        for field, rule in DOMAINS.items():
+            configurator.check(field, getattr(self, field), rule)
         if self.targets is not None and not all(isinstance(t, str) and t for t in self.targets):
             raise UserError(f"targets={self.targets!r}: expected names such as q, v, c_attn, mlp.c_fc or lora1..lora4")
-        if self.quantize not in QUANTIZE:
-            raise UserError(f"quantize='{self.quantize}': the only quantization is 'nf4' (or None for none)")
-        if self.base_dtype not in BASE_DTYPES:
-            raise UserError(f"base_dtype='{self.base_dtype}': choose one of {', '.join(map(str, BASE_DTYPES[1:]))}")
         if self.method == "full":
             for field in ("targets", "quantize", "base_dtype"):
                 if getattr(self, field) is not None:
