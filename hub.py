@@ -41,6 +41,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import configurator
 import peft
 import tokenizer
 from errors import UserError
@@ -189,7 +190,7 @@ def train_command(meta):
     defaults = train_defaults()
     args = []
     for key, value in config.items():
-        if key == "overwrite":
+        if key == "overwrite" or not configurator.is_key(key):  # checkpoints before 2026-11 kept train.py's EOT
             continue
         default = defaults.get(key, object())
         if isinstance(default, tuple) and isinstance(value, list):
