@@ -13,6 +13,7 @@ Every iteration's randomness (which windows are sampled, dropout) is derived fro
 """
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -129,6 +130,8 @@ if init_from == "scratch" and n_embd % n_head:
     raise UserError(f"n_embd={n_embd} must be divisible by n_head={n_head} (each head gets n_embd // n_head dimensions)")
 if decay_lr and min_lr > learning_rate:
     raise UserError(f"min_lr={min_lr} is above learning_rate={learning_rate}: the schedule decays to min_lr; lower --min_lr")
+if wandb_log and importlib.util.find_spec("wandb") is None:
+    raise UserError("--wandb_log=true needs wandb (pip install wandb); or log with --tensorboard_log=true")
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 
 # DDP: one process per device, launched by torchrun

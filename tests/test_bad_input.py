@@ -355,6 +355,7 @@ CASES = [
          files={"cfg.py": "learning_rate = -1e-3\n"}),
     Case("train-config-calls-exit", TRAIN + ["{tmp}/cfg.py"], "re:cfg.py calls exit\\(0\\); a config file only sets keys",
          files={"cfg.py": "import sys\nbatch_size = 4\nsys.exit(0)\n"}),
+    Case("train-wandb-not-installed", TRAIN + ["--wandb_log=true"], "--wandb_log=true needs wandb"),  # not in requirements.txt
     Case("train-constant-is-not-a-key", TRAIN + ["--EOT=5"], "unknown config key 'EOT' on the command line"),
     Case("sample-temperature-nan", ["sample.py", "--init_from={base}", "--temperature=nan"], "--temperature=nan: must be a finite number"),
     Case("sample-num-samples-negative", ["sample.py", "--init_from={base}", "--num_samples=-2"], "--num_samples=-2: must be an integer >= 1"),
