@@ -64,6 +64,13 @@ with torch.no_grad():
                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     for name, adapter in job["quantized"].items():
         base = transformers.AutoModelForCausalLM.from_pretrained(job["base"], quantization_config=nf4, dtype=torch.float32)
+        # bitsandbytes' CPU inference path depends on the CPU: with avx512_bf16 (AMD Zen 4, Intel AMX)
+        # an eval-mode no-grad Linear4bit repacks its weight and computes in bf16 (and fails for
+        # in_features < 64), elsewhere it dequantizes to fp32. peft/quant.py pins the fp32 path for
+        # our layers; pin it here too, so the reference is the same fp32 computation on every CPU.
+        for m in base.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
         out["adapter/" + name] = peft.PeftModel.from_pretrained(base, adapter).eval()(idx).logits
 tok = transformers.AutoTokenizer.from_pretrained(job["tokenizer"])
 out["tokens"] = tok.encode(job["text"])
