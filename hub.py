@@ -117,9 +117,9 @@ def merge_note(cfg):
     (the card's note and push_to_hub.py's output): the merged model, and how, where that needs care."""
     note = "HF PEFT's `merge_and_unload()` of the adapter gives the merged model (the same logits, to float rounding)"
     if cfg.quantize:
-        note += (" when the adapter is merged on the dequantized base, `PeftModel.from_pretrained(base.dequantize(), "
-                 "...).merge_and_unload()`: merged into the 4-bit layers, W + s·B A would be rounded to NF4 again, a "
-                 "different model")
+        note += (" when the adapter is merged on the dequantized base: `PeftModel.from_pretrained(base.dequantize(), "
+                 "...).merge_and_unload()`. Merged into the 4-bit layers instead, W + s·B A is rounded to NF4 again: "
+                 "a different model")
     note += "."
     if HEAD in cfg.resolved_targets():
         note += (" GPT-2's `lm_head` is tied to the token embedding, and a LoRA/IA3 on it would be merged into that "

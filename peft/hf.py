@@ -23,7 +23,8 @@ HF PEFT can only adapt whole modules, and its LoRA keeps the base weights it is 
 GPT-2's c_attn / c_proj / c_fc are transformers Conv1D layers, hence "fan_in_fan_out": true; the
 LoRA matrices keep the same [r, in] / [out, r] layout either way.
 With quantize="nf4" the adapter was trained on the 4-bit base: load it on a base quantized the
-same way (bitsandbytes NF4, double quantization) to get the same model.
+same way (bitsandbytes NF4, double quantization) to get the same model. HF's merge_and_unload()
+into 4-bit layers rounds W + s·B A to NF4 again; merged on base.dequantize() it is our merged model.
 """
 
 import torch
