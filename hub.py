@@ -9,6 +9,7 @@ Writing (push_to_hub.py puts these together):
                                            an HF PEFT adapter folder: adapter_config.json and
                                            adapter_model.safetensors (the conversion is peft/hf.py's)
     no_adapter_reason(cfg)                 why a method has no HF PEFT form (None when it has one)
+    merge_note(cfg)                        what HF PEFT's merge_and_unload() of the adapter gives
     model_card(repo_id, meta, cfg, what, ...)
                                            README.md: Hub YAML metadata, then what a reader needs
 
@@ -45,9 +46,9 @@ import configurator
 import peft
 import tokenizer
 from errors import UserError
-from model import GPT, HUB_MODELS
+from model import GPT, HUB_MODELS, _write_atomic
 from peft import quant
-from peft.hf import LORA_METHODS, to_hf_peft
+from peft.hf import HEAD, LORA_METHODS, to_hf_peft
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ADAPTER_CONFIG = "adapter_config.json"
@@ -96,6 +97,10 @@ def method_name(cfg):
 def no_adapter_reason(cfg):
     """None when HF PEFT can load this method's adapter on GPT-2; else why not (one sentence)."""
     if cfg.method in LORA_METHODS + ("ia3",):
+        if cfg.resolved_targets() == (HEAD,):
+            return ("an adapter on lm_head alone has no HF PEFT form: lm_head is tied to the token embedding, so it "
+                    "would have to be exported as a whole copy (modules_to_save), and HF PEFT refuses an adapter "
+                    "with no other target; the merged model (lm_head untied from the embedding) is the result")
         return None
     if cfg.method == "full":
         return "full fine-tuning changes every weight, so there is no adapter: the model itself is the result"
@@ -106,6 +111,24 @@ def no_adapter_reason(cfg):
     if cfg.method.startswith("ether"):
         return "ETHER and ETHER+ are not part of HF PEFT, so the reflections are merged into the weights"
     return f"HF PEFT has no form for method '{cfg.method}', so it is merged into the weights"
+
+
+def merge_note(cfg):
+    """What `PeftModel.from_pretrained(base, adapter).merge_and_unload()` gives for an exported adapter
+    (the card's note and push_to_hub.py's output): the merged model, and how, where that needs care."""
+    note = "HF PEFT's `merge_and_unload()` of the adapter gives the merged model (the same logits, to float rounding)"
+    if cfg.quantize:
+        note += (" when the adapter is merged on the dequantized base: `PeftModel.from_pretrained(base.dequantize(), "
+                 "...).merge_and_unload()`. Merged into the 4-bit layers instead, W + s·B A is rounded to NF4 again: "
+                 "a different model")
+    note += "."
+    if HEAD in cfg.resolved_targets():
+        note += (" GPT-2's `lm_head` is tied to the token embedding, and a LoRA/IA3 on it would be merged into that "
+                 "shared tensor, moving the input embedding too; so the adapter holds the adapted head whole "
+                 "(`modules_to_save`: vocab × n_embd numbers, 38.6M for GPT-2 124M), which merge_and_unload() leaves "
+                 "untied from the embedding (`tie_word_embeddings=False`), as in the merged model. HF PEFT's warning "
+                 "that a tied layer is part of the adapter is expected.")
+    return note
 
 
 def hub_base_id(init_from):
@@ -147,12 +170,17 @@ def write_adapter(model, cfg, folder, base_model_name_or_path):
     """The model's adapter as an HF PEFT folder (adapter_config.json + adapter_model.safetensors)."""
     config, tensors = to_hf_peft(model, cfg, base_model_name_or_path)
     trained = {"method": cfg.method, "quantize": cfg.quantize, "base_dtype": cfg.base_dtype}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(folder, ADAPTER_WEIGHTS),
-              metadata={"format": "pt", "gpt2_peft": json.dumps(trained)})
+
+    def write_config(tmp):
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+    # each file atomically, and readable by all (0644 with the usual umask) like model.safetensors
+    _write_atomic(os.path.join(folder, ADAPTER_CONFIG), write_config)
+    _write_atomic(os.path.join(folder, ADAPTER_WEIGHTS), lambda tmp: save_file(
+        tensors, tmp, metadata={"format": "pt", "gpt2_peft": json.dumps(trained)}))
     return config
 
 
@@ -288,24 +316,33 @@ def model_card(repo_id, meta, cfg, what, trainable, total, val_loss, best_val_lo
         files.append(f"- no PEFT adapter: {reason}.")
 
     base_load = base_id or init_from
-    usage = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+    usage = ["```python"] + (["import torch"] if adapter_at is not None else []) + [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
     if merged:
         usage += [f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")']
     if adapter_at is not None:
         usage += (["", "# or: the base model plus the adapter"] if merged else []) + ["from peft import PeftModel"]
         if cfg.quantize:
-            usage += ["import torch", "from transformers import BitsAndBytesConfig",
-                      "# the adapter was trained on the base quantized exactly so (4-bit NF4, double quantization)",
+            usage += ["from transformers import BitsAndBytesConfig",
+                      "# the adapter was trained on the base quantized exactly so (4-bit NF4, double quantization),",
+                      "# the rest of the model (embeddings, LayerNorms, lm_head) in float32",
                       f'nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
                       f"bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.{cfg.base_dtype or 'float32'})",
-                      f'base = AutoModelForCausalLM.from_pretrained("{base_load}", quantization_config=nf4)']
+                      f'base = AutoModelForCausalLM.from_pretrained("{base_load}", quantization_config=nf4, '
+                      f'dtype=torch.float32)']
         elif cfg.base_dtype not in (None, "float32"):
-            usage += ["import torch", f"# the adapter was trained on the base held in {cfg.base_dtype}",
+            usage += [f"# the adapter was trained on the base held in {cfg.base_dtype}",
                       f'base = AutoModelForCausalLM.from_pretrained("{base_load}", dtype=torch.{cfg.base_dtype})']
         else:
-            usage += [f'base = AutoModelForCausalLM.from_pretrained("{base_load}")']
+            usage += ["# float32 as trained (a base stored in float16 would otherwise load in float16: logits off by ~1e-2)",
+                      f'base = AutoModelForCausalLM.from_pretrained("{base_load}", dtype=torch.float32)']
         sub = f', subfolder="{adapter_at}"' if adapter_at else ""
         usage += [f'model = PeftModel.from_pretrained(base, "{repo_id}"{sub})']
+        if cfg.quantize:
+            usage += ["# merged (see the notes): on the dequantized base, not into the 4-bit layers",
+                      f'# model = PeftModel.from_pretrained(base.dequantize(), "{repo_id}"{sub}).merge_and_unload()']
+        else:
+            usage += ["model = model.merge_and_unload()  # optional: the merged model (see the notes)"]
     local = repo_id.split("/")[-1]
     usage += [f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", "",
               f"With gpt2-peft, after `hf download {repo_id} --local-dir {local}` (sample, or train further "
@@ -327,7 +364,7 @@ def model_card(repo_id, meta, cfg, what, trainable, total, val_loss, best_val_lo
         peft_rows.append(("scale s", f"{cfg.scale():.6g} (alpha / {'√r' if cfg.use_rslora else 'r'})"))
     train_rows = [(k, f"`{config[k]}`") for k in TRAIN_FIELDS if k in config]
 
-    notes = []
+    notes = [merge_note(cfg)] if adapter_at is not None else []
     if adapter_at is not None and cfg.method in ("olora", "pissa"):
         notes.append(f"{name} trains a residual base W − s·B₀A₀; the adapter here is converted to a plain LoRA "
                      f"of twice the rank on the original base (A' = [A; A₀], B' = [B, −B₀]), the same model.")
@@ -394,6 +431,8 @@ def load_hf_peft(folder, base=None, dropout=0.0):
                 alpha_pattern as HF applies them)
         DoRA    W ← (m / ‖W + s·B A‖_row) ⊙ (W + s·B A)
         IA3     output scaling ([out, 1]): W ← l ⊙ W, b ← l ⊙ b;  input scaling ([1, in]): W ← W ⊙ l
+        modules_to_save=["lm_head"] (how peft/hf.py exports an adapted head): lm_head ← that
+                weight, untied from wte (what HF's merge_and_unload gives too)
     """
     config_path = os.path.join(folder, ADAPTER_CONFIG)
     try:
@@ -404,10 +443,11 @@ def load_hf_peft(folder, base=None, dropout=0.0):
     kind = config.get("peft_type") if isinstance(config, dict) else None
     if kind not in ("LORA", "IA3"):
         raise UserError(f"{folder} holds a {kind} adapter; only LoRA (and rsLoRA, DoRA) and IA3 adapters load here")
+    head = config.get("modules_to_save") in ([HEAD], [f"{HF_PREFIX}{HEAD}"])  # an adapted head (peft/hf.py)
     for key, plain in (("bias", "none"), ("modules_to_save", None), ("lora_bias", False), ("trainable_token_indices", None)):
-        if config.get(key, plain) not in (plain, [], {}):
+        if config.get(key, plain) not in (plain, [], {}) and not (key == "modules_to_save" and head):
             raise UserError(f"{config_path} sets {key}={config[key]!r}; only plain adapters (no bias or extra "
-                            f"trained modules) load here")
+                            f"trained modules but lm_head) load here")
     weights = os.path.join(folder, ADAPTER_WEIGHTS)
     if not os.path.isfile(weights):
         raise UserError(f"{folder} has no {ADAPTER_WEIGHTS} (a pickled adapter_model.bin is not loaded)")
@@ -431,8 +471,13 @@ def load_hf_peft(folder, base=None, dropout=0.0):
                 model.set_submodule(name, quant.to_linear(quant.freeze_linear(m, cfg)))
 
     suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m", ".ia3_l": "l"}
+    head_key = f"{HF_PREFIX}{HEAD}.weight"
+    if head != (head_key in tensors):
+        raise UserError(f"{weights} must hold '{head_key}' exactly when {config_path} sets modules_to_save=['lm_head']")
     parts = {}
     for key, t in tensors.items():
+        if key == head_key:
+            continue
         suffix = next((s for s in suffixes if key.endswith(s)), None)
         if not key.startswith(HF_PREFIX) or suffix is None:
             raise UserError(f"{weights} has a tensor '{key}' that is not a LoRA/DoRA/IA3 weight of a GPT-2")
@@ -470,4 +515,10 @@ def load_hf_peft(folder, base=None, dropout=0.0):
                 W = (p["m"] / W.norm(dim=1))[:, None] * W
             b = layer.bias
         model.set_submodule(name, quant.make_linear(W, b))  # a new lm_head is untied from wte
+    if head:
+        W = tensors[head_key]
+        if W.shape != model.lm_head.weight.shape:
+            raise UserError(f"{weights}: {head_key} has shape {tuple(W.shape)}, expected "
+                            f"{tuple(model.lm_head.weight.shape)}; is it the right base?")
+        model.lm_head = quant.make_linear(W, None)  # untied from wte: only the head was adapted
     return model

@@ -21,6 +21,9 @@ With what=adapter the adapter files sit at the top instead (PeftModel.from_pretr
 --what defaults to both for lora, rsLoRA, dora, olora, pissa, ia3 and QLoRA/QDoRA, and to merged for
 full, oft and the ETHER family, which HF PEFT cannot load (the card says why). For QLoRA/QDoRA the
 adapter is for the base quantized to 4-bit NF4 and the merged model is dequantized.
+HF PEFT's merge_and_unload() of the adapter gives the merged model (hub.merge_note, printed and in the
+card): an adapter on GPT-2's tied lm_head holds the adapted head whole (modules_to_save), so merging
+never moves the token embedding; QLoRA/QDoRA merge on the dequantized base (base.dequantize()).
 
 The upload is huggingface_hub's create_repo + upload_folder: one commit, so a failed upload never
 leaves part of a model in the repo (a repo created just before it stays empty). The token comes from HF_TOKEN or the saved login (`hf auth login`); it is never
@@ -145,6 +148,9 @@ try:
             print(f"note: the base '{init_from}' is a local folder; pass --base_model=<its Hub id> so others can "
                   f"load the adapter")
         hub.write_adapter(model, cfg, os.path.join(staging, adapter_at), base_id or init_from)
+        print(f"adapter: {hub.merge_note(cfg)}")
+    elif reason:
+        print(f"note: no Hugging Face PEFT adapter: {reason}")
     peft.merge(model)
     if what != "adapter":
         hub.write_merged(model, staging, dtype=getattr(torch, dtype))

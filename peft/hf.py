@@ -11,14 +11,21 @@ HF PEFT can only adapt whole modules, and its LoRA keeps the base weights it is 
 - olora / pissa: the base was mutated (W_res = W − s·B₀A₀), HF has the original W; the same
   model is W + s·(B A − B₀ A₀), a plain LoRA with A' = [A; A₀], B' = [B, −B₀], rank 2r.
 - ia3: l as ia3_l, [out, 1] for output scaling, [1, in] for input (feed-forward) scaling.
+- lm_head (any method): the whole adapted head, merged, as HF's modules_to_save copy
+  (key base_model.model.lm_head.weight [vocab, C]), not as a LoRA/IA3 on lm_head. GPT-2's lm_head
+  IS the token embedding (tied), and merge_and_unload() writes a LoRA/IA3 on lm_head into that
+  shared tensor, so the input embedding would move too: a different model than the one trained,
+  where only the head changed. A modules_to_save copy is a separate tensor: unmerged it replaces
+  the head only, and merge_and_unload() leaves it as an untied lm_head (HF then sets
+  tie_word_embeddings=False), exactly what peft.merge does. The price is vocab·C numbers in the
+  adapter file (38.6M for GPT-2). HF refuses an adapter whose only target is in modules_to_save,
+  so lm_head alone has no HF PEFT form (hub.no_adapter_reason says so).
 GPT-2's c_attn / c_proj / c_fc are transformers Conv1D layers, hence "fan_in_fan_out": true; the
 LoRA matrices keep the same [r, in] / [out, r] layout either way.
 With quantize="nf4" the adapter was trained on the 4-bit base: load it on a base quantized the
-same way (bitsandbytes NF4, double quantization) to get the same model.
+same way (bitsandbytes NF4, double quantization) to get the same model. HF's merge_and_unload()
+into 4-bit layers rounds W + s·B A to NF4 again; merged on base.dequantize() it is our merged model.
 """
-
-import json
-import os
 
 import torch
 
@@ -29,6 +36,7 @@ from peft.lora import LoRALinear
 from peft.quant import dequantize
 
 LORA_METHODS = ("lora", "dora", "olora", "pissa")
+HEAD = "lm_head"  # tied to transformer.wte: exported as a merged modules_to_save copy (see above)
 
 
 def _target_name(module_name):
@@ -45,12 +53,19 @@ def to_hf_peft(model, cfg=None, base_model_name_or_path=None):
         method = cfg.method if cfg else "full"
         raise UserError(f"method '{method}' has no Hugging Face PEFT form here; lora, rsLoRA, dora, olora, "
                         f"pissa and ia3 can be exported (or merge and save the whole model)")
-    layers = adapter_layers(model)
+    layers = [(name, layer) for name, layer in adapter_layers(model) if name != HEAD]
+    head = [layer for name, layer in adapter_layers(model) if name == HEAD]
+    if not layers:
+        raise UserError("an adapter on lm_head alone has no Hugging Face PEFT form (lm_head is tied to the "
+                        "token embedding; see peft/hf.py); merge and save the whole model")
     prefix = "base_model.model."
     targets = sorted({_target_name(name) for name, _ in layers})
     common = {"base_model_name_or_path": base_model_name_or_path, "task_type": "CAUSAL_LM",
               "target_modules": targets, "fan_in_fan_out": True, "inference_mode": True}
     tensors = {}
+    if head:  # the adapted head, merged: [vocab, C]
+        common["modules_to_save"] = [HEAD]
+        tensors[f"{prefix}{HEAD}.weight"] = head[0].merge().weight.float().contiguous()
     if cfg.method == "ia3":
         feedforward = sorted({_target_name(name) for name, layer in layers if layer.feedforward})
         for name, layer in layers:
@@ -91,13 +106,3 @@ def to_hf_peft(model, cfg=None, base_model_name_or_path=None):
                   init_lora_weights=True, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     return config, tensors
 
-
-def save_hf_peft(model, folder, cfg=None, base_model_name_or_path=None):
-    """Write adapter_config.json and adapter_model.safetensors (HF PEFT's adapter folder)."""
-    from safetensors.torch import save_file
-    config, tensors = to_hf_peft(model, cfg, base_model_name_or_path)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    save_file({k: v.detach().cpu() for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"),
-              metadata={"format": "pt"})

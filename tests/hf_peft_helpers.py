@@ -3,7 +3,8 @@
 HF PEFT must run in a separate Python process: importing `peft` from the repo root (which pytest
 puts on sys.path) gives our peft/ package instead. run_hf_peft starts `python -I` (no cwd, no
 PYTHONPATH on sys.path) in a scratch folder, loads transformers' GPT2LMHeadModel plus each
-adapter folder with peft.PeftModel.from_pretrained, and returns the logits.
+adapter folder with peft.PeftModel.from_pretrained, and returns the logits, unmerged and after
+merge_and_unload() (which must be the same model: GPT-2's tied lm_head makes that non-trivial).
 """
 
 import json
@@ -32,7 +33,8 @@ for adapter, out in job["runs"]:
     base = transformers.GPT2LMHeadModel.from_pretrained(job["base"], dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, adapter).eval()
     with torch.no_grad():
-        torch.save(model(idx).logits, out)
+        unmerged = model(idx).logits
+        torch.save((unmerged, model.merge_and_unload()(idx).logits), out)
 """
 
 
@@ -74,7 +76,8 @@ def save_adapter(folder, config, tensors):
 
 def run_hf_peft(base_dir, adapter_dirs, idx, workdir, timeout=300):
     """Logits (B, T, V) of transformers GPT-2 at base_dir with each HF PEFT adapter folder in
-    adapter_dirs, one subprocess for all of them. Returns a list of tensors, one per adapter."""
+    adapter_dirs, one subprocess for all of them. Returns a list of (unmerged, merged) pairs, one per
+    adapter: the PeftModel's logits and those of its merge_and_unload()."""
     os.makedirs(workdir, exist_ok=True)
     idx_path = os.path.join(workdir, "idx.pt")
     torch.save(idx, idx_path)

@@ -1,5 +1,6 @@
 """Our adapters against Hugging Face PEFT (the pip package, run in a subprocess) on a tiny random
-transformers GPT-2: the same adapter values, exported with peft/hf.py, must give the same logits."""
+transformers GPT-2: the same adapter values, exported with peft/hf.py, must give the same logits,
+loaded as they are and after HF's merge_and_unload()."""
 
 import json
 import os
@@ -15,7 +16,8 @@ import peft  # noqa: E402
 from errors import UserError  # noqa: E402
 from hf_peft_helpers import randomize_adapters, run_hf_peft, save_adapter, write_tiny_gpt2  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from peft.hf import save_hf_peft, to_hf_peft  # noqa: E402
+import hub  # noqa: E402
+from peft.hf import to_hf_peft  # noqa: E402
 
 pytest.importorskip("transformers")
 
@@ -29,12 +31,18 @@ CASES = {
     "olora": dict(method="olora", r=4, alpha=8.0, targets=("q", "v", "attn.c_proj")),
     "pissa": dict(method="pissa", r=4, alpha=8.0, use_rslora=True, targets=("c_attn", "mlp.c_fc")),
     "ia3": dict(method="ia3"),  # paper default: k, v (output scaling) and mlp.c_proj (input scaling)
+    # lm_head is tied to wte: exported as a merged modules_to_save copy, so merge_and_unload() unties it
+    "lora_lora4": dict(method="lora", r=4, alpha=8.0, targets=("lora4",)),
+    "dora_head": dict(method="dora", r=4, alpha=8.0, targets=("q", "v", "lm_head")),
+    "olora_head": dict(method="olora", r=4, alpha=8.0, targets=("c_attn", "lm_head")),
+    "pissa_head": dict(method="pissa", r=4, alpha=8.0, targets=("mlp.c_fc", "lm_head")),
+    "ia3_head": dict(method="ia3", targets=("k", "v", "mlp.c_proj", "lm_head")),
 }
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    """{case: (our logits, HF PEFT's logits)}; one HF subprocess for all cases."""
+    """{case: (our logits, HF PEFT's logits, HF PEFT's after merge_and_unload)}; one HF subprocess."""
     tmp = tmp_path_factory.mktemp("hf_peft")
     base = write_tiny_gpt2(str(tmp / "base"))
     idx = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -47,20 +55,52 @@ def compared(tmp_path_factory):
         with torch.no_grad():
             ours[name] = model(idx, targets=idx)[0]  # (B, T, V), every position
         folder = str(tmp / name)
-        if name == "lora_c_attn":
-            save_hf_peft(model, folder, base_model_name_or_path=base)
+        if name in ("lora_c_attn", "lora_lora4"):  # the writer push_to_hub.py uses
+            hub.write_adapter(model, model.peft_config, folder, base)
         else:
             save_adapter(folder, *to_hf_peft(model, base_model_name_or_path=base))
         folders.append(folder)
     theirs = run_hf_peft(base, folders, idx, str(tmp / "work"))
-    return {name: (ours[name], t) for name, t in zip(CASES, theirs)}, tmp
+    return {name: (ours[name], *t) for name, t in zip(CASES, theirs)}, tmp
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_logits_as_hf_peft(compared, case):
     results, _ = compared
-    ours, theirs = results[case]
+    ours, theirs, _ = results[case]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_and_unload_gives_the_same_model(compared, case):
+    """HF's merge_and_unload() of the exported adapter is our (merged) model: with an adapter on the
+    tied lm_head the token embedding must not move."""
+    results, _ = compared
+    ours, _, merged = results[case]
+    torch.testing.assert_close(merged, ours, atol=1e-4, rtol=0)
+
+
+def test_head_is_exported_as_a_merged_copy(compared):
+    _, tmp = compared
+    config = json.loads((tmp / "lora_lora4" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head"] and "lm_head" not in config["target_modules"]
+    from safetensors.torch import load_file
+    tensors = load_file(str(tmp / "lora_lora4" / "adapter_model.safetensors"))
+    assert tensors["base_model.model.lm_head.weight"].shape == (101, 32)
+    assert not [k for k in tensors if "lm_head.lora" in k]
+    for f in ("adapter_config.json", "adapter_model.safetensors"):  # shared like model.safetensors
+        umask = os.umask(0)
+        os.umask(umask)
+        assert (tmp / "lora_lora4" / f).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_head_alone_has_no_hf_form():
+    """HF PEFT refuses an adapter whose only target is a modules_to_save copy: merged only, and why."""
+    cfg = peft.PeftConfig(method="lora", r=4, alpha=8.0, targets=("lm_head",))
+    model = peft.inject(GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32)), cfg)
+    with pytest.raises(UserError, match="lm_head alone"):
+        to_hf_peft(model)
+    assert "lm_head alone" in hub.no_adapter_reason(cfg)
 
 
 def test_adapter_folder_format(compared):

@@ -149,6 +149,21 @@ def test_nf4_base(method):
     torch.testing.assert_close(logits(model, idx, tgt), before, atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
+@pytest.mark.parametrize("in_features", [32, 64])  # below and at bitsandbytes' NF4 block of 64
+def test_nf4_inference_is_fp32_on_every_cpu(in_features):
+    """bitsandbytes repacks an eval-mode, no-grad Linear4bit for a bf16 kernel on CPUs with
+    avx512_bf16 (Zen 4, Intel AMX), which fails below 64 inputs and rounds to bf16. Our frozen NF4
+    base pins the fp32 path, so inference is the dequantized weight in fp32 on any x86-64 CPU
+    (this machine, a Zen 4, takes the bf16 path when not pinned)."""
+    torch.manual_seed(0)
+    q = quant.freeze_linear(nn.Linear(in_features, 96), peft.PeftConfig(method="lora", quantize="nf4"))
+    x = torch.randn(3, 5, in_features)
+    expected = x @ quant.dequantize(q).T + q.bias  # (3, 5, 96), fp32
+    with torch.no_grad():
+        torch.testing.assert_close(q.eval()(x), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("method", ADAPTER_METHODS)
 def test_bfloat16_base(method):
     """base_dtype: frozen weights in bf16, adapters in fp32; trains, merges to fp32."""

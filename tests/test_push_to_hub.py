@@ -5,7 +5,9 @@ trainable tensor well away from its init), push_to_hub.py --dry_run writes the r
     - the merged folder in transformers (AutoModelForCausalLM),
     - the adapter folder in HF PEFT (PeftModel on the base; QLoRA/QDoRA on the base quantized to NF4),
     - both folders loaded back with checkpoint.load_model
-give the logits of the trained model as checkpoint.load_model(out_dir) rebuilds it.
+give the logits of the trained model as checkpoint.load_model(out_dir) rebuilds it, and so does
+HF PEFT's merge_and_unload() of the adapter (on the dequantized base for QLoRA/QDoRA), also where
+the adapter touches GPT-2's lm_head, which is tied to the token embedding.
 transformers / HF peft run in subprocesses without the repo on sys.path (our peft/ shadows HF's).
 """
 import http.server
@@ -37,11 +39,11 @@ RUNS = {
     "lora_qv": ("--method=lora", "--r=4", "--alpha=8"),  # default q, v slices -> one rank-8 LoRA on c_attn
     "lora4": ("--method=lora", "--r=4", "--alpha=8", "--targets=lora4"),  # whole layers, lm_head included
     "rslora": ("--method=lora", "--r=4", "--alpha=8", "--use_rslora=true", "--targets=q,v,mlp.c_fc"),
-    "dora": ("--method=dora", "--r=4", "--alpha=8", "--targets=c_attn,mlp.c_proj"),
-    "ia3": ("--method=ia3",),
-    "olora": ("--method=olora", "--r=4", "--alpha=8", "--targets=q,v,attn.c_proj"),
+    "dora": ("--method=dora", "--r=4", "--alpha=8", "--targets=c_attn,mlp.c_proj,lm_head"),
+    "ia3": ("--method=ia3", "--targets=k,v,mlp.c_proj,lm_head"),
+    "olora": ("--method=olora", "--r=4", "--alpha=8", "--targets=q,v,attn.c_proj,lm_head"),
     "pissa": ("--method=pissa", "--r=4", "--alpha=8", "--targets=c_attn,mlp.c_fc"),
-    "qlora": ("--method=lora", "--r=4", "--alpha=8", "--quantize=nf4"),
+    "qlora": ("--method=lora", "--r=4", "--alpha=8", "--quantize=nf4", "--targets=q,v,lm_head"),
     "qdora": ("--method=dora", "--r=4", "--alpha=8", "--quantize=nf4", "--targets=c_attn,mlp.c_proj"),
     "oft": ("--method=oft", "--oft_block_size=8"),
     "ether": ("--method=etherplusHH", "--ether_nb=4"),
@@ -49,6 +51,7 @@ RUNS = {
 }
 MERGED_ONLY = {"oft", "ether", "full"}
 QUANTIZED = {"qlora", "qdora"}
+HEAD = {"lora4", "dora", "ia3", "olora", "qlora"}  # runs whose adapter touches the tied lm_head
 MERGED_FILES = {"README.md", "config.json", "model.safetensors", "generation_config.json", "vocab.json",
                 "merges.txt", "tokenizer_config.json", "special_tokens_map.json"}
 ADAPTER_FILES = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
@@ -64,7 +67,18 @@ with torch.no_grad():
                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     for name, adapter in job["quantized"].items():
         base = transformers.AutoModelForCausalLM.from_pretrained(job["base"], quantization_config=nf4, dtype=torch.float32)
+        # bitsandbytes' CPU inference path depends on the CPU: with avx512_bf16 (AMD Zen 4, Intel AMX)
+        # an eval-mode no-grad Linear4bit repacks its weight and computes in bf16 (and fails for
+        # in_features < 64), elsewhere it dequantizes to fp32. peft/quant.py pins the fp32 path for
+        # our layers; pin it here too, so the reference is the same fp32 computation on every CPU.
+        for m in base.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
         out["adapter/" + name] = peft.PeftModel.from_pretrained(base, adapter).eval()(idx).logits
+        # merged as the card says: on the dequantized base (merging into 4-bit layers rounds to NF4)
+        base = transformers.AutoModelForCausalLM.from_pretrained(job["base"], quantization_config=nf4, dtype=torch.float32)
+        merged = peft.PeftModel.from_pretrained(base.dequantize(), adapter).merge_and_unload()
+        out["adapter_merged/" + name] = merged.eval()(idx).logits
 tok = transformers.AutoTokenizer.from_pretrained(job["tokenizer"])
 out["tokens"] = tok.encode(job["text"])
 out["decoded"] = tok.decode(out["tokens"])
@@ -172,10 +186,11 @@ def exported(setup):
         results[name]["loading_info"] = hf[f"info/{name}"]
     for name in quantized:
         results[name]["adapter_hf"] = hf[f"adapter/{name}"]
-    # the plain adapters: HF PEFT on the fp32 base (tests/hf_peft_helpers.py)
+        results[name]["adapter_hf_merged"] = hf[f"adapter_merged/{name}"]
+    # the plain adapters: HF PEFT on the fp32 base (tests/hf_peft_helpers.py), unmerged and merged
     theirs = run_hf_peft(base, [a for _, a in adapters], idx, str(tmp / "hf_peft"))
-    for (name, _), t in zip(adapters, theirs):
-        results[name]["adapter_hf"] = t
+    for (name, _), (unmerged, merged_logits) in zip(adapters, theirs):
+        results[name]["adapter_hf"], results[name]["adapter_hf_merged"] = unmerged, merged_logits
     return results, outputs, hf, tmp
 
 
@@ -197,6 +212,15 @@ def test_adapter_folder_gives_our_logits(exported, name):
     torch.testing.assert_close(r["adapter_back"], r["ours"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", [n for n in RUNS if n not in MERGED_ONLY])
+def test_adapter_merge_and_unload_is_the_merged_export(exported, name):
+    """HF PEFT's merge_and_unload() of the exported adapter is the exported merged model (in
+    transformers), fp32: an adapter on the tied lm_head must not move the token embedding."""
+    results, _, _, _ = exported
+    r = results[name]
+    torch.testing.assert_close(r["adapter_hf_merged"], r["merged_hf"], atol=1e-4, rtol=0)
+
+
 def test_training_moved_the_model(exported, setup):
     """The comparisons above mean something: every run's logits differ from the base's."""
     results, _, _, _ = exported
@@ -213,8 +237,11 @@ def test_export_folder_is_complete_and_holds_no_token(exported, name):
     folder = tmp / "export" / name
     files = {os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs}
     assert files == MERGED_FILES | (set() if name in MERGED_ONLY else ADAPTER_FILES)
+    umask = os.umask(0)
+    os.umask(umask)
     for f in files:
         assert FAKE_TOKEN.encode() not in (folder / f).read_bytes(), f
+        assert (folder / f).stat().st_mode & 0o777 == 0o666 & ~umask, f  # shared: 0644 with umask 022
     assert FAKE_TOKEN not in outputs[name]
     assert not [f for f in os.listdir(tmp / "export") if f.startswith(".")]  # no staging folder left
 
@@ -235,6 +262,12 @@ def test_export_folder_is_complete_and_holds_no_token(exported, name):
         assert f"| {field} | `{cfg[field]}` |" in text
     if name in MERGED_ONLY:
         assert "no PEFT adapter" in text and ("HF PEFT" in text or "full fine-tuning" in text)
+        assert "no Hugging Face PEFT adapter" in outputs[name]  # push_to_hub.py says why, too
+    else:
+        assert "merge_and_unload()" in text and "merge_and_unload()" in outputs[name]
+        assert "dtype=torch.float32)" in text  # the base in fp32 as trained (the bundled one is stored in fp16)
+        assert ("modules_to_save" in text) == (name in HEAD)
+        assert ("base.dequantize()" in text) == (name in QUANTIZED)
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["vocab_size"] == VOCAB
 
@@ -417,7 +450,11 @@ def test_loading_a_foreign_or_broken_adapter_folder_is_one_clear_error(setup, tm
     fails(lora, {"base_model.model.transformer.h.7.attn.c_attn.lora_A.weight": A,
                  "base_model.model.transformer.h.7.attn.c_attn.lora_B.weight": B}, "not a projection of this GPT-2")
     fails(lora, {f"{key}.lora_A.weight": torch.zeros(4, 64), f"{key}.lora_B.weight": B}, "do not fit")
-    fails(dict(lora, modules_to_save=["lm_head"]), ok, "modules_to_save")
+    fails(dict(lora, modules_to_save=["transformer.wte"]), ok, "modules_to_save")
+    fails(dict(lora, modules_to_save=["lm_head"]), ok, "must hold 'base_model.model.lm_head.weight'")
+    fails(lora, dict(ok, **{"base_model.model.lm_head.weight": torch.zeros(VOCAB, 32)}), "must hold")
+    fails(dict(lora, modules_to_save=["lm_head"]), dict(ok, **{"base_model.model.lm_head.weight": torch.zeros(5, 32)}),
+          "expected")
     # the same folder, made valid, loads (on an explicitly given base too)
     (folder / "adapter_config.json").write_text(json.dumps(lora))
     save_file(ok, str(folder / "adapter_model.safetensors"))
