@@ -85,6 +85,7 @@ from tqdm import tqdm
 import checkpoint
 import configurator
 import errors
+import outputs
 import peft
 import shards
 import tokenizer
@@ -104,8 +105,9 @@ num_fewshot = -1  # lm-eval few-shot examples; -1 = each task's default
 limit = 0  # lm-eval: only the first N examples of each task; 0 = all
 max_gen_toks = 256  # lm-eval generate_until: tokens to generate when a task does not say
 bootstrap_iters = 100000  # lm-eval: bootstrap resamples for the stderr of non-mean metrics; 0 = none
-base = ""  # for HF PEFT adapter folders: the base model to merge into ('' = the one their config names)
+base = ""  # the base to merge into: for HF PEFT adapter folders ('' = the one their config names), and for training runs whose base folder moved
 out = "eval_results.json"  # JSON results, rewritten after each model
+overwrite = False  # replace an existing --out (only ever an earlier eval.py result)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "float32"  # 'float32', 'bfloat16' or 'float16' (autocast)
 # -----------------------------------------------------------------------------
@@ -558,6 +560,16 @@ def fmt(column, value):
     return f"{value:.2f}" if column.endswith("ppl") or "perplexity" in column else f"{value:.4f}"
 
 
+def is_eval_result(path):
+    """Whether `path` holds an earlier eval.py result (the only file --out replaces)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and set(obj) == {"config", "datasets", "models"}
+
+
 def write_json(path, obj):
     """Write JSON through a temp file in the same folder and os.replace: never half a file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -591,6 +603,7 @@ def main(argv):
         raise UserError(f"--batch_size={c.batch_size}: must be at least 1")
 
     # check and load everything that does not depend on the model first: a typo fails in seconds
+    outputs.check_output(c.out, c.overwrite, ours=is_eval_result, what="JSON results")
     tm = task_manager(c.tasks, c.include_path) if c.tasks else None
     specs = c.datasets or (() if c.tasks else DEFAULT_DATASETS)
     data = {}

@@ -44,6 +44,7 @@ use_cache = True
 template = ""  # '' = plain continuation; 'guanaco' or 'alpaca' = answer --start as an instruction
 template_input = ""  # alpaca only: the optional input that goes with the instruction
 merge_adapters = True  # fold adapters into the weights first: sampling then runs at the base model's speed
+base = ""  # where the run's base model folder is now, if it moved ('' = where training found it)
 # -----------------------------------------------------------------------------
 config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:])
 globals().update(config)
@@ -60,7 +61,7 @@ ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device
 
 if init_from == "resume":
     tensors, meta = checkpoint.load(out_dir)  # one clear line if out_dir holds no checkpoint
-    model = checkpoint.restore_model(tensors, meta).to(device).eval()
+    model = checkpoint.restore_model(tensors, meta, out_dir=out_dir, base=base or None).to(device).eval()
 else:
     model, meta = checkpoint.load_model(init_from, device=device)
 if meta is not None and merge_adapters:
