@@ -73,6 +73,18 @@ def _alive(pid):
     return True
 
 
+def remove_stale_temp_files(folder, target=CKPT_NAME):
+    """Remove the temp files for `target` that writers killed half-way left in `folder` (their process is
+    gone), one by one, by their exact name."""
+    for name in os.listdir(folder):
+        pid = temp_file_pid(name, target)
+        if pid is not None and pid != os.getpid() and not _alive(pid):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
 def atomic_save_safetensors(tensors, path, metadata=None):
     """Write `tensors` to `path` through a temp file in the same folder and os.replace.
 
@@ -81,13 +93,7 @@ def atomic_save_safetensors(tensors, path, metadata=None):
     killed half-way (their process is gone) are removed first, one by one, by their exact name."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    for name in os.listdir(folder):
-        pid = temp_file_pid(name, os.path.basename(path))
-        if pid is not None and pid != os.getpid() and not _alive(pid):
-            try:
-                os.remove(os.path.join(folder, name))
-            except OSError:
-                pass
+    remove_stale_temp_files(folder, os.path.basename(path))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     try:
         save_file(tensors, tmp, metadata=metadata)

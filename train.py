@@ -394,6 +394,7 @@ def save_checkpoint():
     # run's only now, right after its checkpoint did, so a crash before leaves the old pair matching
     path = os.path.join(out_dir, "metrics.jsonl")
     tmp = os.path.join(out_dir, f".metrics.jsonl.tmp-{os.getpid()}")
+    checkpoint.remove_stale_temp_files(out_dir, "metrics.jsonl")
     try:
         with open(tmp, "w") as f:
             f.writelines(json.dumps(record) + "\n" for record in pending_metrics)
