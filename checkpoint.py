@@ -164,7 +164,7 @@ META_SCHEMA = {"config": dict, "peft": dict, "model_args": dict, "base": dict, "
                "best_val_loss": (int, float)}
 MODEL_ARGS_SCHEMA = {"n_layer": int, "n_head": int, "n_embd": int, "block_size": int, "vocab_size": int, "bias": bool}
 BASE_SCHEMA = {"init_from": str, "fingerprint": (str, type(None))}
-OPTIONAL_SCHEMA = {"optim_param_groups": list, "template": (str, type(None)), "data": dict}  # may be absent
+OPTIONAL_SCHEMA = {"optim_param_groups": list, "template": (str, type(None)), "data": dict, "tokens_seen": int}  # may be absent
 
 
 def _check_fields(path, where, d, schema, required=True):
@@ -187,6 +187,7 @@ def check_meta(path, meta):
     _check_fields(path, "model_args", meta["model_args"], MODEL_ARGS_SCHEMA)
     _check_fields(path, "base", meta["base"], BASE_SCHEMA)
     _check_fields(path, "base", meta["base"], {"path": (str, type(None)), "path_from_out_dir": (str, type(None))}, required=False)
+    _check_fields(path, "config", meta["config"], {"dtype": str, "dataset": str}, required=False)
     if not all(meta["model_args"][k] > 0 for k in MODEL_ARGS_SCHEMA if k != "bias"):
         raise UserError(f"{path} has damaged metadata: model_args {meta['model_args']} has a size <= 0; restore the file or start a new run")
     for i, group in enumerate(meta.get("optim_param_groups", [])):
@@ -194,6 +195,11 @@ def check_meta(path, meta):
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in group["params"])):
             raise UserError(f"{path} has damaged metadata: optimizer param group {i} is not a dict with a list of "
                             f"parameter indices; restore the file or start a new run")
+    defaults = peft.PeftConfig().asdict()  # each saved PEFT field has its default's type (None: a str or list)
+    for key, value in meta["peft"].items():
+        if key in defaults:
+            want = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(defaults[key]), (type(None), str, list))
+            _check_fields(path, "peft", meta["peft"], {key: want})
     try:
         peft.PeftConfig.from_dict(meta["peft"])
     except (UserError, TypeError, ValueError) as e:

@@ -54,7 +54,8 @@ gives the harness our GPT and the GPT-2 tokenizer: `--tasks=a,b` evaluates its t
 adds a folder of your own task YAMLs (e.g. over a local .jsonl file).
 
 Output: the Markdown table on stdout (progress bars on stderr), and JSON written atomically to --out
-(rewritten after each model, so a long run keeps what it has done):
+(rewritten after each model, so a long run keeps what it has done; an existing --out is replaced only
+with --overwrite=true, and only if it is an earlier eval.py result):
 
     {"config":   every key above,
      "datasets": {name: {"source": file, folder or "hub:...", "kind": "ppl" | "lambada", "records": n}},

@@ -3,7 +3,7 @@ Rebuild the small base model bundled in models/gpt2-milton/ (the offline quickst
 GPT-2 architecture and the real GPT-2 tokenizer, pretrained from scratch by this repo on the bundled
 Milton corpus. One command, about 10 minutes on 2 CPU cores:
 
-    python make_base.py
+    python make_base.py --overwrite=true     # replaces models/gpt2-milton (or --save_dir=models/new)
 
 It runs data/milton/prepare.py, then `train.py config/pretrain_base_milton.py`, then writes the
 trained model as a transformers GPT-2 folder in float16 (to stay under 10 MB in git).

@@ -96,6 +96,9 @@ what = what or ("merged" if reason else "both")
 init_from = meta["base"]["init_from"]
 base_id = base_model or hub.hub_base_id(init_from)
 dtype = save_dtype or meta["config"].get("dtype", "float32")
+if dtype not in ("float32", "bfloat16", "float16"):
+    raise UserError(f"{os.path.join(out_dir, checkpoint.CKPT_NAME)} has damaged metadata: config['dtype'] is {dtype!r}; "
+                    f"pass --save_dtype=float32 (or bfloat16, float16)")
 
 # the token, checked against the Hub before any work (never printed)
 if not dry_run:
