@@ -17,6 +17,7 @@ import os
 from errors import UserError
 
 LOCK_NAME = ".train.lock"  # in a training out_dir, while a train.py writes there
+PROBE_PREFIX = ".write-probe-"  # writable_folder's probe file, there for a moment
 
 
 def writable_folder(folder):
@@ -29,7 +30,7 @@ def writable_folder(folder):
         probe_in = os.path.dirname(probe_in)
     if not os.path.isdir(probe_in):
         raise UserError(f"cannot write to {folder}: {probe_in} is a file, not a folder; choose another path")
-    probe = os.path.join(probe_in, f".write-probe-{os.getpid()}")
+    probe = os.path.join(probe_in, f"{PROBE_PREFIX}{os.getpid()}")
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)

@@ -63,7 +63,7 @@ if init_from == "resume":
     tensors, meta = checkpoint.load(out_dir)  # one clear line if out_dir holds no checkpoint
     model = checkpoint.restore_model(tensors, meta, out_dir=out_dir, base=base or None).to(device).eval()
 else:
-    model, meta = checkpoint.load_model(init_from, device=device)
+    model, meta = checkpoint.load_model(init_from, device=device, base=base or None)
 if meta is not None and merge_adapters:
     peft.merge(model)
 if compile:

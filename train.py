@@ -261,7 +261,7 @@ if init_from == "resume":
             same_data = (saved_data.get("path"), saved_data.get("tokens")) == (data_identity["path"], data_identity["tokens"])
     if saved_data is not None and not same_data:
         raise UserError(f"{out_dir} was trained on dataset '{saved_data.get('dataset')}' ({saved_data.get('path')}), but this "
-                        f"command gives '{dataset}' ({data_identity['path']}, other tokens); resume with the same --dataset, "
+                        f"command gives '{dataset}' ({data_identity['path']}), not the same prepared data; resume with the same --dataset, "
                         f"or start a new run in another --out_dir")
     if meta["model_args"]["block_size"] != block_size:
         raise UserError(f"{out_dir} was trained with block_size={meta['model_args']['block_size']}; resume with --block_size={meta['model_args']['block_size']}")
@@ -281,6 +281,7 @@ else:
                         f"choose another --out_dir, or replace it with --overwrite=true")
     if os.path.isdir(out_dir):
         foreign = [f for f in os.listdir(out_dir) if f not in (checkpoint.CKPT_NAME, "metrics.jsonl", "tb", outputs.LOCK_NAME)
+                   and not f.startswith(outputs.PROBE_PREFIX)  # another command checking it can write here
                    and checkpoint.temp_file_pid(f) is None  # a killed write's temp file is the repo's own
                    and checkpoint.temp_file_pid(f, "metrics.jsonl") is None]
         if foreign:
