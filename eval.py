@@ -604,8 +604,8 @@ def main(argv):
         raise UserError(f"--batch_size={c.batch_size}: must be at least 1")
 
     # check and load everything that does not depend on the model first: a typo fails in seconds
-    outputs.check_output(c.out, c.overwrite, ours=is_eval_result, what="JSON results")
     tm = task_manager(c.tasks, c.include_path) if c.tasks else None
+    outputs.check_output(c.out, c.overwrite, ours=is_eval_result, what="JSON results")
     specs = c.datasets or (() if c.tasks else DEFAULT_DATASETS)
     data = {}
     for spec in specs:
