@@ -120,6 +120,13 @@ def optimizer_tensors(optimizer):
     return tensors, sd["param_groups"]
 
 
+def _kind(value):
+    """A JSON value's kind: 'number' for ints and floats alike, lists element by element."""
+    if isinstance(value, list):
+        return [_kind(v) for v in value]
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
 def load_optimizer(optimizer, tensors, param_groups, path=CKPT_NAME):
     """Load the saved AdamW state into `optimizer`, after checking it fits the model's parameters (group
     sizes, each moment's shape): a damaged state is one line naming `path`, not an error inside AdamW."""
@@ -129,6 +136,10 @@ def load_optimizer(optimizer, tensors, param_groups, path=CKPT_NAME):
     if len(param_groups) != len(groups) or any(len(a["params"]) != len(b["params"]) for a, b in zip(param_groups, groups)):
         raise bad(f"param groups of {[len(g['params']) for g in param_groups]} parameters, "
                   f"the model's have {[len(g['params']) for g in groups]}")
+    for i, (saved, group) in enumerate(zip(param_groups, groups)):  # hyperparameters: the kind AdamW expects
+        for key, value in saved.items():
+            if key != "params" and key in group and _kind(value) != _kind(json.loads(json.dumps(group[key]))):
+                raise bad(f"param group {i} has {key}={json.dumps(value)[:40]}, expected a value like {json.dumps(group[key])}")
     params = [p for g in groups for p in g["params"]]  # the order optimizer.state_dict() numbers them in
     state = {}
     for name, value in tensors.items():

@@ -185,6 +185,7 @@ DAMAGED = {  # id -> (edit_meta, edit_tensors, what the line says)
     "peft-unknown-key": (lambda m: m["peft"].update(rank=3), None, "PEFT settings do not load"),
     "optim-wrong-shape": (None, lambda t: t.update({first_optim(t, "exp_avg"): torch.zeros(3, 5)}), "damaged optimizer state"),
     "optim-groups-mismatch": (lambda m: m["optim_param_groups"][0]["params"].pop(), None, "damaged optimizer state"),
+    "optim-group-betas": (lambda m: m["optim_param_groups"][0].update(betas="x"), None, "param group 0 has betas=\"x\""),
     "optim-groups-not-list": (lambda m: m.update(optim_param_groups=[{"params": "all"}]), None, "optimizer param group 0"),
 }
 
