@@ -78,7 +78,9 @@ class OutDirLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
+                    os.close(fd)
+                    raise UserError(f"cannot lock {self.path} ({e.strerror or e}): this file system offers no flock; "
+                                    f"choose an --out_dir on a local disk") from None
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 os.close(fd)
                 raise UserError(f"{out_dir} is in use by another train.py (pid {holder}); wait for it to end, "
