@@ -54,7 +54,8 @@ gives the harness our GPT and the GPT-2 tokenizer: `--tasks=a,b` evaluates its t
 adds a folder of your own task YAMLs (e.g. over a local .jsonl file).
 
 Output: the Markdown table on stdout (progress bars on stderr), and JSON written atomically to --out
-(rewritten after each model, so a long run keeps what it has done):
+(rewritten after each model, so a long run keeps what it has done; an existing --out is replaced only
+with --overwrite=true, and only if it is an earlier eval.py result):
 
     {"config":   every key above,
      "datasets": {name: {"source": file, folder or "hub:...", "kind": "ppl" | "lambada", "records": n}},
@@ -85,6 +86,7 @@ from tqdm import tqdm
 import checkpoint
 import configurator
 import errors
+import outputs
 import peft
 import shards
 import tokenizer
@@ -104,8 +106,9 @@ num_fewshot = -1  # lm-eval few-shot examples; -1 = each task's default
 limit = 0  # lm-eval: only the first N examples of each task; 0 = all
 max_gen_toks = 256  # lm-eval generate_until: tokens to generate when a task does not say
 bootstrap_iters = 100000  # lm-eval: bootstrap resamples for the stderr of non-mean metrics; 0 = none
-base = ""  # for HF PEFT adapter folders: the base model to merge into ('' = the one their config names)
+base = ""  # the base to merge into: for HF PEFT adapter folders ('' = the one their config names), and for training runs whose base folder moved
 out = "eval_results.json"  # JSON results, rewritten after each model
+overwrite = False  # replace an existing --out (only ever an earlier eval.py result)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "float32"  # 'float32', 'bfloat16' or 'float16' (autocast)
 # -----------------------------------------------------------------------------
@@ -116,7 +119,7 @@ DOMAINS = {  # the valid values of every key (configurator's rules), checked bef
     "datasets": _, "block_size": lambda v: None if v == 0 or v >= 2 else "must be 0 (the model's context) or >= 2",
     "stride": ">= 0", "batch_size": ">= 1", "max_docs": ">= 0", "tasks": _, "include_path": _,
     "num_fewshot": ">= -1", "limit": ">= 0", "max_gen_toks": ">= 1", "bootstrap_iters": ">= 0", "base": _,
-    "out": configurator.PATH, "device": configurator.DEVICE, "dtype": configurator.DTYPES,
+    "out": configurator.PATH, "overwrite": _, "device": configurator.DEVICE, "dtype": configurator.DTYPES,
 }
 
 DEFAULT_DATASETS = ("wikitext2", "lambada", "imdb")
@@ -566,6 +569,16 @@ def fmt(column, value):
     return f"{value:.2f}" if column.endswith("ppl") or "perplexity" in column else f"{value:.4f}"
 
 
+def is_eval_result(path):
+    """Whether `path` holds an earlier eval.py result (the only file --out replaces)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and set(obj) == {"config", "datasets", "models"}
+
+
 def write_json(path, obj):
     """Write JSON through a temp file in the same folder and os.replace: never half a file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -592,6 +605,7 @@ def main(argv):
 
     # check and load everything that does not depend on the model first: a typo fails in seconds
     tm = task_manager(c.tasks, c.include_path) if c.tasks else None
+    outputs.check_output(c.out, c.overwrite, ours=is_eval_result, what="JSON results")
     specs = c.datasets or (() if c.tasks else DEFAULT_DATASETS)
     data = {}
     for spec in specs:

@@ -242,7 +242,7 @@ def final_val_loss(out_dir, meta):
                     row = json.loads(line)
                 except ValueError:
                     continue  # a line cut by a crash
-                if row.get("iter") == meta.get("iter_num") and "val/loss" in row:
+                if isinstance(row, dict) and row.get("iter") == meta.get("iter_num") and "val/loss" in row:
                     final = row["val/loss"]
     except OSError:
         pass

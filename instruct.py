@@ -170,6 +170,10 @@ def write_examples(out_dir, split, ids, mask, stats):
     """Write out_dir/{split}.bin and out_dir/{split}_mask.bin and print the counts."""
     shards.write_shard(os.path.join(out_dir, f"{split}.bin"), ids, kind="tokens")
     shards.write_shard(os.path.join(out_dir, f"{split}_mask.bin"), mask, kind="mask")
+    print_counts(split, stats)
+
+
+def print_counts(split, stats):
     print(f"{split}: {_count(stats['examples'], 'example')}, {stats['tokens']:,} tokens, "
           f"{stats['response_tokens'] / stats['tokens']:.1%} of them response tokens (trained on)")
     print(f"{split}: {stats['cut']:,} cut to --max_length={stats['max_length']}, "
@@ -178,15 +182,6 @@ def write_examples(out_dir, split, ids, mask, stats):
 
 
 TEMPLATE_FILE = "template.txt"  # next to the shards: the prompt template the examples were written in
-
-
-def write_template(out_dir, template):
-    """Record the data's prompt template; train.py copies it into the checkpoint, and sample.py then
-    refuses a --template that differs from the one the model was tuned on."""
-    path = os.path.join(out_dir, TEMPLATE_FILE)
-    with open(path + ".tmp", "w") as f:
-        f.write(template + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def read_template(data_dir):
@@ -348,6 +343,7 @@ def prepare_cli(description, name, hub_id, parse_turns, argv=None, out_dir=None,
     args = parser.parse_args(argv)  # the valid values of every argument (configurator's rules):
     configurator.check_args(args, {"input": configurator.PATH, "out_dir": configurator.PATH, "max_length": ">= 2",
                                    "val_examples": ">= 1", "val_fraction": "(0, 1)"})
+    shards.check_prepare_out(args.out_dir, ["train.bin", "train_mask.bin", "val.bin", "val_mask.bin", TEMPLATE_FILE])
     tail_asked = args.val_examples is not None or args.val_fraction is not None
 
     val_examples = None
@@ -393,8 +389,11 @@ def prepare_cli(description, name, hub_id, parse_turns, argv=None, out_dir=None,
 
     train = encode_examples(examples, args.max_length, "train")
     val = encode_examples(val_examples, args.max_length, "val")  # both encoded before anything is written
-    write_examples(args.out_dir, "train", *train)
-    write_examples(args.out_dir, "val", *val)
-    write_template(args.out_dir, template)
+    # train and val, tokens and masks and the template: published together, as one preparation
+    shards.write_prepared(args.out_dir, {"train.bin": (train[0], "tokens"), "train_mask.bin": (train[1], "mask"),
+                                         "val.bin": (val[0], "tokens"), "val_mask.bin": (val[1], "mask")},
+                          texts={TEMPLATE_FILE: template + "\n"})
+    print_counts("train", train[2])
+    print_counts("val", val[2])
     print(f"wrote train.bin, train_mask.bin, val.bin, val_mask.bin and {TEMPLATE_FILE} to {args.out_dir}")
     print(f"prompt template: {template} (sample.py --template={template})")

@@ -3,7 +3,7 @@ Rebuild the small base model bundled in models/gpt2-milton/ (the offline quickst
 GPT-2 architecture and the real GPT-2 tokenizer, pretrained from scratch by this repo on the bundled
 Milton corpus. One command, about 10 minutes on 2 CPU cores:
 
-    python make_base.py
+    python make_base.py --overwrite=true     # replaces models/gpt2-milton (or --save_dir=models/new)
 
 It runs data/milton/prepare.py, then `train.py config/pretrain_base_milton.py`, then writes the
 trained model as a transformers GPT-2 folder in float16 (to stay under 10 MB in git).
@@ -18,6 +18,7 @@ import torch
 import checkpoint
 import configurator
 import errors
+import outputs
 import peft
 
 errors.install()
@@ -26,13 +27,18 @@ errors.install()
 train_config = "config/pretrain_base_milton.py"
 out_dir = "out-base-milton"
 save_dir = "models/gpt2-milton"
-overwrite = False  # retrain even if out_dir already holds a finished run
+overwrite = False  # replace an existing save_dir (the bundled base every adapter is fingerprinted against!) and retrain out_dir
 domains = {"train_config": configurator.PATH, "out_dir": configurator.PATH, "save_dir": configurator.PATH,
            "overwrite": configurator.ANY}  # the valid values of every key (configurator's rules)
 config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:], domains)
 globals().update(config)
 # -----------------------------------------------------------------------------
 
+# before ten minutes of training: save_dir must be writable, and an existing model there is replaced only
+# with --overwrite=true (adapters trained on it would no longer match its fingerprint)
+MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}  # what save_hf writes
+outputs.check_output(save_dir, overwrite, folder=True, key="--save_dir", what="base model",
+                     ours=lambda path: set(os.listdir(path)) <= MODEL_FILES)
 root = os.path.dirname(os.path.abspath(__file__))
 subprocess.run([sys.executable, os.path.join(root, "data", "milton", "prepare.py")], check=True)
 cmd = [sys.executable, os.path.join(root, "train.py"), train_config, f"--out_dir={out_dir}"]

@@ -40,6 +40,7 @@ import checkpoint
 import configurator
 import errors
 import hub
+import outputs
 import peft
 from errors import UserError
 
@@ -55,13 +56,14 @@ commit_message = ""  # '' = "Upload <method> fine-tune of <base>"
 dry_run = False  # write the folder that would be uploaded to save_dir, upload nothing
 save_dir = ""  # where to write that folder (a new or empty folder); kept after a real upload too
 base_model = ""  # Hub id of the base, when training used a local copy of it (for the adapter and card)
+base = ""  # where the run's local base model folder is now, if it moved ('' = where training found it)
 license = "mit"  # the card's licence (GPT-2 is MIT)
 datasets = ()  # Hub dataset ids for the card's metadata, e.g. --datasets=karpathy/tiny_shakespeare
 save_dtype = ""  # dtype of the merged weights: '' = the training dtype, or float32 / bfloat16 / float16
 _ = configurator.ANY
 domains = {  # the valid values of every key (configurator's rules), checked before anything runs
     "out_dir": configurator.PATH, "repo_id": _, "what": ("", "merged", "adapter", "both"), "private": _,
-    "revision": _, "commit_message": _, "dry_run": _, "save_dir": _, "base_model": _, "license": _,
+    "revision": _, "commit_message": _, "dry_run": _, "save_dir": _, "base_model": _, "base": _, "license": _,
     "datasets": _, "save_dtype": ("",) + configurator.DTYPES,
 }
 config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:], domains,
@@ -84,6 +86,8 @@ if dry_run and not save_dir:
     raise UserError("--dry_run writes the folder that would be uploaded: pass --save_dir=DIR too")
 if save_dir and os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
     raise UserError(f"--save_dir={save_dir} already exists and is not an empty folder; choose a new folder")
+if save_dir:
+    outputs.check_output(save_dir, folder=True, key="--save_dir", what="exported model")  # a file in the way, read-only
 if not os.path.isdir(out_dir):
     raise UserError(f"out_dir '{out_dir}' does not exist: pass --out_dir=<a training run's out_dir> "
                     f"or the config file it was trained with")
@@ -97,6 +101,9 @@ what = what or ("merged" if reason else "both")
 init_from = meta["base"]["init_from"]
 base_id = base_model or hub.hub_base_id(init_from)
 dtype = save_dtype or meta["config"].get("dtype", "float32")
+if dtype not in ("float32", "bfloat16", "float16"):
+    raise UserError(f"{os.path.join(out_dir, checkpoint.CKPT_NAME)} has damaged metadata: config['dtype'] is {dtype!r}; "
+                    f"pass --save_dtype=float32 (or bfloat16, float16)")
 
 # the token, checked against the Hub before any work (never printed)
 if not dry_run:
@@ -130,7 +137,7 @@ if not dry_run:
     user = hub_call("checking the token", api.whoami)["name"]
 
 # the folder to upload: built in a temporary folder, moved to save_dir only when complete
-model = checkpoint.restore_model(tensors, meta)
+model = checkpoint.restore_model(tensors, meta, out_dir=out_dir, base=base or None)
 model.eval()
 del tensors
 trainable, total = peft.count_parameters(model)

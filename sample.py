@@ -44,12 +44,14 @@ use_cache = True
 template = ""  # '' = plain continuation; 'guanaco' or 'alpaca' = answer --start as an instruction
 template_input = ""  # alpaca only: the optional input that goes with the instruction
 merge_adapters = True  # fold adapters into the weights first: sampling then runs at the base model's speed
+base = ""  # where the run's base model folder is now, if it moved ('' = where training found it)
 _ = configurator.ANY
 domains = {  # the valid values of every key (configurator's rules), checked before anything runs
     "init_from": configurator.PATH, "out_dir": configurator.PATH, "start": _, "num_samples": ">= 1",
     "max_new_tokens": ">= 1", "temperature": ">= 0", "top_k": ">= 0", "top_p": "(0, 1]",
     "seed": "[0, 18446744073709551615]", "device": configurator.DEVICE, "dtype": configurator.DTYPES, "compile": _,
     "use_cache": _, "template": ("",) + tuple(instruct.TEMPLATES), "template_input": _, "merge_adapters": _,
+    "base": _,
 }
 config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:], domains)
 globals().update(config)
@@ -62,9 +64,9 @@ ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device
 
 if init_from == "resume":
     tensors, meta = checkpoint.load(out_dir)  # one clear line if out_dir holds no checkpoint
-    model = checkpoint.restore_model(tensors, meta).to(device).eval()
+    model = checkpoint.restore_model(tensors, meta, out_dir=out_dir, base=base or None).to(device).eval()
 else:
-    model, meta = checkpoint.load_model(init_from, device=device)
+    model, meta = checkpoint.load_model(init_from, device=device, base=base or None)
 if meta is not None and merge_adapters:
     peft.merge(model)
 if compile:

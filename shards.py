@@ -11,13 +11,20 @@ File format (little-endian), one flat array per file:
                                       2 = "tokens": uint16 GPT-2 token ids (50257 < 65536 fits)
                                       1 = "mask":   uint8 loss mask, 1 = compute the loss on this
                                                     position, 0 = prompt (no loss)
-                      [4..127] zeros (room for later versions)
+                      [4] prep_id   the preparation this shard belongs to: prepare.py writes the same id
+                                    (a hash of all the shards it writes) into each of them, and train.py
+                                    refuses a train.bin and val.bin (and masks) whose ids differ.
+                                    0 = none (written on its own by write_shard, or before ids existed)
+                      [5..127] zeros (room for later versions)
     bytes 1024..    the n_items items, so the file is exactly 1024 + n_items * itemsize bytes
 
 read_shard() memory-maps the items (no copy, a 10 GB shard opens instantly) after checking all of the
 above, so a truncated download, a half-written file or some other .bin fails with one clear line.
 write_shard() writes a temp file in the same folder and renames it over the target (os.replace is atomic),
-so a crash mid-write never leaves a half shard behind under the real name.
+so a crash mid-write never leaves a half shard behind under the real name. write_prepared() does that for a
+whole preparation (train.bin, val.bin, masks, template.txt): every temp file first, the renames last, so an
+interrupted prepare.py leaves the old set in place (or, killed between two renames, a set with two
+different prep_ids, which train.py refuses), never a new train.bin silently paired with an old val.bin.
 
 Preparation (used by data/*/prepare.py):
 
@@ -29,6 +36,7 @@ become the validation split, cut at a paragraph (else line, else word) end, wher
 splits, so train + val tokens are exactly the tokens of the whole text.
 """
 
+import hashlib
 import os
 import re
 import sys
@@ -76,6 +84,11 @@ def _prepare_hint(path):
 
 def write_shard(path, array, kind="tokens"):
     """Write a 1-D array of token ids (kind="tokens") or 0/1 loss-mask values (kind="mask") to `path`."""
+    os.replace(_write_temp(path, array, kind), path)  # atomic: readers see the old file or the new one
+
+
+def _write_temp(path, array, kind="tokens", prep_id=0):
+    """Write the shard for `path` to a temp file beside it (fsynced) and return the temp file's name."""
     dtype = _dtype(kind)
     arr = np.asarray(array)
     if arr.ndim != 1:
@@ -89,7 +102,7 @@ def write_shard(path, array, kind="tokens"):
     if lo < 0 or hi > top:
         raise UserError(f"cannot write {path}: {kind} values must lie in [0, {top}], got [{lo}, {hi}]")
     header = np.zeros(HEADER_WORDS, dtype="<i8")
-    header[:4] = [MAGIC, VERSION, arr.size, dtype.itemsize]
+    header[:5] = [MAGIC, VERSION, arr.size, dtype.itemsize, prep_id]
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -100,11 +113,72 @@ def write_shard(path, array, kind="tokens"):
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600 (owner only); a shard is ordinary data
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return tmp
+
+
+def _is_shard(path):
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(8), "little") == MAGIC
+
+
+def check_prepare_out(out_dir, names):
+    """Before any work: out_dir can be written, and each of `names` there is either absent or a shard this
+    repo wrote (re-running prepare.py replaces its own earlier shards; anyone else's file is refused)."""
+    import outputs
+    outputs.check_output(out_dir, overwrite=True, folder=True, key="--out_dir", what="prepared data")
+    for name in names:
+        outputs.check_output(os.path.join(out_dir, name), overwrite=True, key="--out_dir",
+                             ours=_is_shard if name.endswith(".bin") else None)
+
+
+def write_prepared(out_dir, arrays, texts=None):
+    """Publish a whole preparation in out_dir: arrays = {name: (array, kind)} shards, texts = {name: str}
+    small text files (template.txt). All are written to temp files first and renamed at the end, and every
+    shard carries the same prep_id, a hash of all of them (so preparing the same text again gives the same
+    id). Returns the prep_id."""
+    h = hashlib.sha256()
+    for name, (array, kind) in sorted(arrays.items()):
+        h.update(f"{name}:{kind}:".encode())
+        h.update(np.ascontiguousarray(np.asarray(array).astype(_dtype(kind))).tobytes())
+    prep_id = int.from_bytes(h.digest()[:8], "little") >> 1 or 1  # a positive int64, never 0
+    os.makedirs(out_dir, exist_ok=True)
+    temps = {}
+    try:
+        for name, (array, kind) in arrays.items():
+            temps[name] = _write_temp(os.path.join(out_dir, name), array, kind, prep_id)
+        for name, text in (texts or {}).items():
+            temps[name] = tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}")
+            with open(tmp, "w") as f:
+                f.write(text)
+        for name, tmp in list(temps.items()):  # the publish step: renames only, a few microseconds
+            os.replace(tmp, os.path.join(out_dir, name))
+            del temps[name]
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return prep_id
+
+
+def preparation_id(path):
+    """The prep_id in the header of the shard at `path` (read_shard it first), 0 if it has none."""
+    with open(path, "rb") as f:
+        return int(np.frombuffer(f.read(HEADER_BYTES), dtype="<i8")[4])
+
+
+def check_same_preparation(paths):
+    """One clear line unless the shards at `paths` (train.bin, val.bin, masks) come from one preparation.
+    Returns their prep_id (0: shards written without one, e.g. before prep_ids existed)."""
+    ids = {path: preparation_id(path) for path in paths}
+    if len(set(ids.values())) > 1:
+        (a, ia), (b, ib) = sorted(ids.items(), key=lambda kv: kv[1])[::len(ids) - 1]
+        raise UserError(f"{a} and {b} come from different preparations (prep_id {ia:x} and {ib:x}: an interrupted "
+                        f"or partial prepare.py?); re-run {_prepare_hint(a)}")
+    return next(iter(ids.values()))
 
 
 def read_shard(path, kind="tokens"):
@@ -321,8 +395,7 @@ def prepare(docs, out_dir, val_fraction=0.1):
     val_ids = encode_docs(val_docs, desc="tokenizing val")
     if len(train_ids) == 0 or len(val_ids) == 0:
         raise UserError("the text is too short to split into train and val; give at least a few lines")
-    write_shard(os.path.join(out_dir, "train.bin"), train_ids)
-    write_shard(os.path.join(out_dir, "val.bin"), val_ids)
+    write_prepared(out_dir, {"train.bin": (train_ids, "tokens"), "val.bin": (val_ids, "tokens")})
     print(f"train has {len(train_ids):,} tokens")
     print(f"val has {len(val_ids):,} tokens")
     print(f"wrote train.bin and val.bin to {out_dir}")
@@ -344,6 +417,7 @@ def prepare_cli(description, texts_dir, out_dir, url=None, argv=None):
     parser.add_argument("--val_fraction", type=float, default=0.1, help="share of the text (its end) used for validation")
     args = parser.parse_args(argv)
     configurator.check_args(args, {"input": configurator.PATH, "out_dir": configurator.PATH, "val_fraction": "(0, 1)"})
+    check_prepare_out(args.out_dir, ["train.bin", "val.bin"])  # before any download or tokenizing
 
     if args.input:
         print(f"preparing {args.input}")

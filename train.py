@@ -32,10 +32,11 @@ import checkpoint
 import configurator
 import errors
 import instruct
+import outputs
 import peft
 from errors import UserError
 from model import GPTConfig
-from shards import read_shard
+from shards import check_same_preparation, read_shard
 from tokenizer import EOT  # an UPPER_CASE constant: never a config key (configurator.is_key)
 
 errors.install()
@@ -199,6 +200,13 @@ for split in ("train", "val"):
     if master_process:
         print(f"{split}: {len(starts[split]):,} instruction examples, loss on "
               f"{'response tokens only' if mask_prompt else 'all tokens (mask_prompt=False)'}")
+# train.bin, val.bin (and masks) must come from one run of prepare.py (see shards.py: prep_id)
+prep_id = check_same_preparation([os.path.join(data_dir, f"{split}{kind}.bin") for split in shards
+                                  for kind in ("", "_mask") if kind == "" or split in masks])
+# what the checkpoint records of the data: a resume on other data is refused (prep_id: the same tokens,
+# wherever the folder is now; shards without one: the same folder and token counts)
+data_identity = {"dataset": dataset, "path": os.path.realpath(data_dir), "prep_id": f"{prep_id:016x}" if prep_id else None,
+                 "tokens": {split: len(shards[split]) for split in shards}}
 
 
 def derived_seed(*keys):
@@ -236,8 +244,19 @@ def get_batch(split, step, micro):
     return x.to(device), y.to(device)
 
 
-# model: the base, then the adapters
+# out_dir: one writer at a time (a lock naming its pid; a killed run's lock is taken over), checked
+# before the model is loaded so an unwritable out_dir fails in seconds, not at the first checkpoint
 ckpt_path = os.path.join(out_dir, checkpoint.CKPT_NAME)
+if master_process:
+    outputs.check_output(out_dir, overwrite=True, folder=True, key="--out_dir")  # a file in the way, read-only
+    created_out_dir = not os.path.isdir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to {out_dir}: {e.strerror or e}; choose another --out_dir") from None
+    out_dir_lock = outputs.OutDirLock(out_dir, remove_folder=created_out_dir)
+
+# model: the base, then the adapters
 iter_num, best_val_loss = 0, float("inf")
 if init_from == "resume":
     if master_process:
@@ -248,6 +267,16 @@ if init_from == "resume":
         diff = {k: (v, getattr(peft_config, k)) for k, v in saved.asdict().items() if v != getattr(peft_config, k)}
         raise UserError(f"{out_dir} holds a {saved.method} run whose settings differ from this command's "
                         f"(saved, given: {diff}); pass the same settings or choose another --out_dir")
+    saved_data = meta.get("data")  # absent in checkpoints written before it was recorded
+    if saved_data is not None:
+        if saved_data.get("prep_id") and prep_id:
+            same_data = saved_data["prep_id"] == data_identity["prep_id"]
+        else:
+            same_data = (saved_data.get("path"), saved_data.get("tokens")) == (data_identity["path"], data_identity["tokens"])
+    if saved_data is not None and not same_data:
+        raise UserError(f"{out_dir} was trained on dataset '{saved_data.get('dataset')}' ({saved_data.get('path')}), but this "
+                        f"command gives '{dataset}' ({data_identity['path']}), not the same prepared data; resume with the same --dataset, "
+                        f"or start a new run in another --out_dir")
     if meta["model_args"]["block_size"] != block_size:
         raise UserError(f"{out_dir} was trained with block_size={meta['model_args']['block_size']}; resume with --block_size={meta['model_args']['block_size']}")
     if meta["base"]["init_from"] == "scratch":  # the model keys define a scratch model: they must agree
@@ -255,7 +284,7 @@ if init_from == "resume":
             if config[key] != defaults[key] and config[key] != meta["model_args"][key]:
                 raise UserError(f"{out_dir} holds a model with {key}={meta['model_args'][key]}, but this command sets "
                                 f"{key}={config[key]}; drop --{key} to resume it, or choose another --out_dir")
-    model = checkpoint.restore_model(tensors, meta, dropout)
+    model = checkpoint.restore_model(tensors, meta, dropout, out_dir=out_dir)
     base_identity = meta["base"]
     iter_num, best_val_loss = meta["iter_num"], meta["best_val_loss"]
     if iter_num >= max_iters and master_process:
@@ -265,8 +294,10 @@ else:
         raise UserError(f"{out_dir} already holds a checkpoint; continue it with --init_from=resume, "
                         f"choose another --out_dir, or replace it with --overwrite=true")
     if os.path.isdir(out_dir):
-        foreign = [f for f in os.listdir(out_dir) if f not in (checkpoint.CKPT_NAME, "metrics.jsonl", "tb")
-                   and checkpoint.temp_file_pid(f) is None]  # a killed write's temp file is the repo's own
+        foreign = [f for f in os.listdir(out_dir) if f not in (checkpoint.CKPT_NAME, "metrics.jsonl", "tb", outputs.LOCK_NAME)
+                   and not f.startswith(outputs.PROBE_PREFIX)  # another command checking it can write here
+                   and checkpoint.temp_file_pid(f) is None  # a killed write's temp file is the repo's own
+                   and checkpoint.temp_file_pid(f, "metrics.jsonl") is None]
         if foreign:
             raise UserError(f"{out_dir} holds files this repo did not write ({', '.join(sorted(foreign)[:3])}); choose another --out_dir")
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size, bias=bias)
@@ -276,7 +307,7 @@ else:
         raise UserError(f"block_size={block_size} is larger than the model's {model.config.block_size} positions; use --block_size={model.config.block_size} or less")
     if block_size < model.config.block_size:
         model.crop_block_size(block_size)
-    base_identity = {"init_from": init_from, "fingerprint": None if init_from == "scratch" else checkpoint.fingerprint(model)}
+    base_identity = checkpoint.base_identity(init_from, model, out_dir)
     peft.inject(model, peft_config)
 model_args = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")}
 model_vocab = model.config.vocab_size
@@ -287,7 +318,9 @@ model.to(device)
 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == "resume":
-    checkpoint.load_optimizer(optimizer, tensors, meta["optim_param_groups"])
+    if "optim_param_groups" not in meta:
+        raise UserError(f"{ckpt_path} holds no optimizer state, so it cannot be resumed; start a new run from it instead")
+    checkpoint.load_optimizer(optimizer, tensors, meta["optim_param_groups"], ckpt_path)
     del tensors
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 
@@ -367,16 +400,38 @@ def save_checkpoint():
                         f"keeps the last good state. Lower --learning_rate or use --dtype=float32")
     meta = {"config": config, "peft": peft_config.asdict(), "model_args": model_args, "base": base_identity,
             "iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": iter_num * tokens_per_iter,
-            "template": data_template}
-    checkpoint.save(out_dir, raw_model, optimizer, meta)
+            "template": data_template, "data": data_identity}
+    global pending_metrics
+    if pending_metrics is None:
+        checkpoint.save(out_dir, raw_model, optimizer, meta)
+        return
+    # the first checkpoint of a run that replaces another (--overwrite=true): its metrics replace the old
+    # run's only now, right after its checkpoint did, so a crash before leaves the old pair matching
+    path = os.path.join(out_dir, "metrics.jsonl")
+    tmp = os.path.join(out_dir, f".metrics.jsonl.tmp-{os.getpid()}")
+    checkpoint.remove_stale_temp_files(out_dir, "metrics.jsonl")
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in pending_metrics)
+        checkpoint.save(out_dir, raw_model, optimizer, meta)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}; {ckpt_path} keeps the last saved state") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    pending_metrics = None
 
 
 def log_metrics(record):
     """Append one JSON line to out_dir/metrics.jsonl (and TensorBoard / wandb when switched on)."""
     path = os.path.join(out_dir, "metrics.jsonl")
     try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if pending_metrics is not None:  # replacing an earlier run: kept until this run's first checkpoint
+            pending_metrics.append(record)
+        else:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
     except OSError as e:  # disk full, read-only folder
         raise UserError(f"could not write {path}: {e.strerror or e}; {ckpt_path} keeps the last saved state") from None
     for key, value in record.items():
@@ -389,10 +444,10 @@ def log_metrics(record):
 # logging and signals (master only)
 tb_writer = None
 stop_signal = []
+pending_metrics = [] if init_from != "resume" and os.path.exists(ckpt_path) else None  # see save_checkpoint
 if master_process:
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        if init_from != "resume":
+        if init_from != "resume" and pending_metrics is None:
             open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
     except OSError as e:
         raise UserError(f"cannot write to {out_dir}: {e.strerror or e}; choose another --out_dir") from None

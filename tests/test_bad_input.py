@@ -156,6 +156,72 @@ def compare_grid_out(tmp):
     open(os.path.join(tmp, "grid", "notes.txt"), "w").write("mine")
 
 
+def edit_ckpt(tmp, edit_meta=None, edit_tensors=None):
+    """A copy of the LoRA run whose checkpoint's metadata (JSON) or tensors were damaged by hand."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    path = copy_run(tmp)
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    tensors = load_file(path)
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, path, metadata={"meta": json.dumps(meta)})
+
+
+def first_optim(tensors, key):
+    return next(k for k in sorted(tensors) if k.startswith("optim.") and k.endswith("." + key))
+
+
+DAMAGED = {  # id -> (edit_meta, edit_tensors, what the line says)
+    "no-base": (lambda m: m.pop("base"), None, "has no 'base'"),
+    "no-model-args": (lambda m: m.pop("model_args"), None, "has no 'model_args'"),
+    "iter-num-string": (lambda m: m.update(iter_num="12"), None, "['iter_num'] is str"),
+    "base-not-a-dict": (lambda m: m.update(base="gpt2"), None, "['base'] is str"),
+    "fingerprint-number": (lambda m: m["base"].update(fingerprint=7), None, "['fingerprint'] is int"),
+    "peft-unknown-key": (lambda m: m["peft"].update(rank=3), None, "PEFT settings do not load"),
+    "optim-wrong-shape": (None, lambda t: t.update({first_optim(t, "exp_avg"): torch.zeros(3, 5)}), "damaged optimizer state"),
+    "optim-groups-mismatch": (lambda m: m["optim_param_groups"][0]["params"].pop(), None, "damaged optimizer state"),
+    "optim-group-betas": (lambda m: m["optim_param_groups"][0].update(betas="x"), None, "param group 0 has betas=\"x\""),
+    "optim-groups-not-list": (lambda m: m.update(optim_param_groups=[{"params": "all"}]), None, "optimizer param group 0"),
+}
+
+
+def damaged(name):
+    edit_meta, edit_tensors, _ = DAMAGED[name]
+    return lambda tmp: edit_ckpt(tmp, edit_meta, edit_tensors)
+
+
+def moved_relative_base(tmp):
+    """A run trained on a relative local base that is no longer there (and no absolute path recorded)."""
+    edit_ckpt(tmp, lambda m: m.update(base={"init_from": "no/such/base", "fingerprint": m["base"]["fingerprint"]}))
+
+
+def other_base(tmp):
+    """A copy of the shared base with other weights: what --base must refuse for a run trained on the original."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(WORLD["base"], os.path.join(tmp, "other_base"))
+    path = os.path.join(tmp, "other_base", "model.safetensors")
+    save_file({k: v + 0.01 for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+
+
+def mixed_preparations(tmp):
+    """An interrupted prepare.py: a new train.bin beside the val.bin of an earlier preparation."""
+    from shards import write_prepared
+    a, b = np.arange(500) % 256, (np.arange(500) * 7) % 256
+    write_prepared(os.path.join(tmp, "shards"), {"train.bin": (a, "tokens"), "val.bin": (a, "tokens")})
+    write_prepared(os.path.join(tmp, "new"), {"train.bin": (b, "tokens"), "val.bin": (b, "tokens")})
+    os.replace(os.path.join(tmp, "new", "train.bin"), os.path.join(tmp, "shards", "train.bin"))
+
+
+def other_dataset(tmp):
+    copy_run(tmp)
+    shards(tmp, np.arange(5000) % 256)
+
+
 @dataclass
 class Case:
     id: str
@@ -236,6 +302,12 @@ CASES = [
          setup=raw_pickle_as_safetensors),
     Case("train-resume-pickle-ckpt-pt", RESUME, "holds a pickle checkpoint (ckpt.pt)", setup=pickle_ckpt_pt),
     Case("train-resume-foreign-safetensors", RESUME, "not a checkpoint written by train.py", setup=foreign_safetensors),
+    Case("train-resume-other-dataset", RESUME + ["--dataset={tmp}/shards"], "was trained on dataset", setup=other_dataset),
+    Case("train-mixed-preparations", TRAIN + ["--dataset={tmp}/shards"], "come from different preparations", setup=mixed_preparations),
+    Case("train-out-dir-is-a-file", TRAIN + ["--out_dir={tmp}/notes.txt"], "is a file, not a folder", files={"notes.txt": "mine"}),
+    Case("train-out-dir-under-a-file", TRAIN + ["--out_dir={tmp}/notes.txt/out"], "{tmp}/notes.txt is a file, not a folder",
+         files={"notes.txt": "mine"}),
+    *[Case(f"train-resume-damaged-{name}", RESUME, what, setup=damaged(name)) for name, (_, _, what) in DAMAGED.items()],
     # --- sample.py
     Case("sample-prompt-longer-than-context", ["sample.py", "--device=cpu", "--init_from={base}", "--start=" + "!#" * 33],
          "the prompt is 66 tokens but the model's context is 64 tokens"),
@@ -250,6 +322,12 @@ CASES = [
     Case("sample-truncated-checkpoint", ["sample.py", "--device=cpu", "--out_dir={tmp}/run"], "corrupted or truncated", setup=truncate_ckpt),
     Case("sample-pickle-checkpoint", ["sample.py", "--device=cpu", "--out_dir={tmp}/run"], "holds a pickle checkpoint (ckpt.pt)",
          setup=pickle_ckpt_pt),
+    *[Case(f"sample-damaged-{name}", ["sample.py", "--device=cpu", "--out_dir={tmp}/run"], DAMAGED[name][2], setup=damaged(name))
+      for name in ("no-base", "no-model-args", "fingerprint-number")],
+    Case("sample-base-moved", ["sample.py", "--device=cpu", "--out_dir={tmp}/run"], "re:base 'no/such/base' .* not found .*--base=PATH",
+         setup=moved_relative_base),
+    Case("sample-base-given-is-wrong", ["sample.py", "--device=cpu", "--out_dir={run}", "--base={tmp}/other_base"],
+         "now has different weights", setup=other_base),
     # --- data/*/prepare.py (existing shards in {tmp}/prep must survive)
     Case("prepare-shakespeare-not-utf8", ["data/shakespeare/prepare.py", "--input", "{tmp}/in.txt", "--out_dir", "{tmp}/prep", "--offline"],
          "in.txt is not UTF-8 text: invalid byte 0xe9 at byte offset 15", files={"in.txt": LATIN1}, setup=existing_shards),
@@ -261,6 +339,12 @@ CASES = [
          "too short to split into train and val", files={"in.txt": "a"}, setup=existing_shards),
     Case("prepare-missing-input", ["data/milton/prepare.py", "--input", "{tmp}/nope.txt", "--out_dir", "{tmp}/prep"],
          "no such file: {tmp}/nope.txt", setup=existing_shards),
+    Case("prepare-out-dir-is-a-file", ["data/milton/prepare.py", "--out_dir", "{tmp}/notes.txt"], "is a file, not a folder",
+         files={"notes.txt": "mine"}),
+    Case("prepare-foreign-train-bin", ["data/milton/prepare.py", "--out_dir", "{tmp}/prep"], "did not write",
+         files={"prep/train.bin": "my own binary file"}),
+    Case("prepare-alpaca-out-dir-under-a-file", ["data/alpaca/prepare.py", "--input={tmp}/a.json", "--out_dir={tmp}/notes.txt/prep"],
+         "is a file, not a folder", files={"notes.txt": "mine", "a.json": '[{"instruction": "Hi", "input": "", "output": "Hello"}]'}),
     # --- instruction data: data/guanaco|alpaca|lima/prepare.py
     Case("prepare-alpaca-wrong-schema", ["data/alpaca/prepare.py", "--input={tmp}/a.json", "--out_dir={tmp}/prep"],
          "a.json record 1 has no field 'output' (fields: instruction, input)",
@@ -295,7 +379,32 @@ CASES = [
     Case("eval-unknown-task", ["eval.py", "--device=cpu", "--models={base}", "--tasks=arc_challange"],
          "re:arc_challange.*did you mean.*arc_challenge"),
     Case("eval-unknown-model", ["eval.py", "--device=cpu", "--models={tmp}/nowhere", "--datasets={data}"], "{tmp}/nowhere"),
+    Case("eval-out-is-a-checkpoint", ["eval.py", "--device=cpu", "--models={base}", "--datasets={data}", "--out={tmp}/run/ckpt.safetensors"],
+         "already exists and holds something this command did not write", setup=copy_run),
+    Case("eval-overwrite-a-checkpoint", ["eval.py", "--device=cpu", "--models={base}", "--datasets={data}",
+                                         "--out={tmp}/run/ckpt.safetensors", "--overwrite=true"], "holds something this command did not write",
+         setup=copy_run),
+    Case("eval-out-is-a-folder", ["eval.py", "--device=cpu", "--models={base}", "--datasets={data}", "--out={tmp}/run"], "is a folder",
+         setup=copy_run),
+    Case("eval-out-under-a-file", ["eval.py", "--device=cpu", "--models={base}", "--datasets={data}", "--out={tmp}/notes.txt/r.json"],
+         "{tmp}/notes.txt is a file, not a folder", files={"notes.txt": "mine"}),
+    *[Case(f"eval-damaged-{name}", ["eval.py", "--device=cpu", "--models={tmp}/run", "--datasets={data}", "--out={tmp}/r.json"],
+           DAMAGED[name][2], setup=damaged(name)) for name in ("no-model-args", "base-not-a-dict")],
+    Case("eval-base-moved", ["eval.py", "--device=cpu", "--models={tmp}/run", "--datasets={data}", "--out={tmp}/r.json"],
+         "--base=PATH", setup=moved_relative_base),
+    # --- make_base.py: the existing model folder (by default the bundled base) is kept
+    Case("make-base-existing-save-dir", ["make_base.py", "--save_dir={base}"], "already exists; replace it with --overwrite=true"),
+    Case("make-base-overwrite-foreign-folder", ["make_base.py", "--save_dir={data}", "--overwrite=true"],
+         "holds something this command did not write"),
+    Case("make-base-save-dir-under-a-file", ["make_base.py", "--save_dir={tmp}/notes.txt/model"], "is a file, not a folder",
+         files={"notes.txt": "mine"}),
     # --- push_to_hub.py
+    Case("push-save-dir-under-a-file", PUSH + ["--dry_run=true", "--save_dir={tmp}/notes.txt/export"], "is a file, not a folder",
+         files={"notes.txt": "mine"}),
+    *[Case(f"push-damaged-{name}", ["push_to_hub.py", "--out_dir={tmp}/run", "--repo_id=a/b", "--dry_run=true", "--save_dir={tmp}/export"],
+           DAMAGED[name][2], setup=damaged(name)) for name in ("no-base", "iter-num-string")],
+    Case("push-base-moved", ["push_to_hub.py", "--out_dir={tmp}/run", "--repo_id=a/b", "--dry_run=true", "--save_dir={tmp}/export"],
+         "--base=PATH", setup=moved_relative_base),
     Case("push-no-token", PUSH + ["--save_dir={tmp}/export"], "no Hugging Face token", env=NO_HUB),
     Case("push-save-dir-not-empty", PUSH + ["--dry_run=true", "--save_dir={tmp}/taken"], "already exists and is not an empty folder",
          files={"taken/notes.txt": "mine"}),

@@ -23,11 +23,13 @@ import pytest
 import torch
 
 import checkpoint
+import outputs
+import shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INJECT = os.path.join(ROOT, "tests", "fixtures", "faults", "inject.py")
 MAX_ITERS, EVAL_INTERVAL = 60, 5
-TEMP_FILE = re.compile(r"^\.ckpt\.safetensors\.tmp-\d+$")  # checkpoint.atomic_save_safetensors' temp name
+TEMP_FILE = re.compile(r"^\.(ckpt\.safetensors|metrics\.jsonl)\.tmp-\d+$")  # temp files of checkpoint/metrics writes
 
 
 def args(base, data, out_dir, *extra):
@@ -97,8 +99,8 @@ def assert_same_as_reference(out_dir, reference):
 
 def folder_is_clean(out_dir):
     """Only what train.py writes: the checkpoint, metrics.jsonl, and temp files of killed writes."""
-    names = set(os.listdir(out_dir))
-    assert names - {checkpoint.CKPT_NAME, "metrics.jsonl"} <= {n for n in names if TEMP_FILE.match(n)}, names
+    names = set(os.listdir(out_dir))  # + the lock file a SIGKILLed run could not remove (stale: taken over)
+    assert names - {checkpoint.CKPT_NAME, "metrics.jsonl", outputs.LOCK_NAME} <= {n for n in names if TEMP_FILE.match(n)}, names
     return names
 
 
@@ -365,3 +367,167 @@ def test_torchrun_worker_killed_makes_the_whole_job_exit(base, data, tmp_path):
     while processes_mentioning(str(out)) and time.time() < deadline:
         time.sleep(0.1)
     assert processes_mentioning(str(out)) == []
+
+
+# ----------------------------------------------------------------------------- issue 11: nothing saved is lost
+def wait_for(p, prefix):
+    for line in p.stdout:
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no line starting with {prefix!r}: " + p.stderr.read()[-2000:])
+
+
+def test_one_writer_per_out_dir_and_a_killed_runs_lock_is_taken_over(base, data, tmp_path):
+    """A second train.py into the out_dir of a running one (a fresh run or a resume) stops with one line
+    naming the holder's pid and writes nothing; once the holder is SIGKILLed its lock is stale and the
+    next run takes it over. A lock file naming a live but unrelated pid (pid reuse) does not block."""
+    out = tmp_path / "run"
+    p = popen(*args(base, data, out, "--max_iters=100000"))
+    try:
+        wait_for(p, "saved checkpoint")
+        assert (out / outputs.LOCK_NAME).read_text().strip() == str(p.pid)
+        before = {n: sha256(out / n) for n in (checkpoint.CKPT_NAME, "metrics.jsonl")}
+        for extra in ([], ["--init_from=resume"], ["--overwrite=true"]):
+            q = train(*args(base, data, out, *extra))
+            assert q.returncode == 2, q.stderr
+            assert f"is in use by another train.py (pid {p.pid})" in error_line(q)
+        p.kill()
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stdout.close()
+        p.stderr.close()
+    assert (out / outputs.LOCK_NAME).read_text().strip() == str(p.pid)  # left behind by the kill
+    saved = checkpoint.load(str(out))[1]["iter_num"]
+    assert saved >= EVAL_INTERVAL and before  # a checkpoint the resume continues
+    q = train(*args(base, data, out, "--init_from=resume", f"--max_iters={saved + 2}"))
+    assert q.returncode == 0, q.stderr
+    assert checkpoint.load(str(out))[1]["iter_num"] == saved + 2
+    assert outputs.LOCK_NAME not in os.listdir(out)  # released at exit
+    (out / outputs.LOCK_NAME).write_text(f"{os.getpid()}\n")  # a live pid, but nobody holds the lock
+    q = train(*args(base, data, out, "--init_from=resume", f"--max_iters={saved + 3}"))
+    assert q.returncode == 0, q.stderr
+    assert sorted(os.listdir(out)) == [checkpoint.CKPT_NAME, "metrics.jsonl"]
+
+
+def test_overwrite_keeps_the_old_metrics_until_the_new_checkpoint(reference, base, data, tmp_path):
+    """--overwrite=true over a finished run, killed while writing its first checkpoint: the old run's
+    checkpoint and metrics.jsonl are both kept, byte for byte (they still match). Run to its end, the new
+    run's metrics.jsonl holds only its own lines."""
+    out = tmp_path / "run"
+    shutil.copytree(reference["out_dir"], out)
+    before = {n: sha256(out / n) for n in (checkpoint.CKPT_NAME, "metrics.jsonl")}
+    p = train(*args(base, data, out, "--overwrite=true", "--max_iters=10", "--learning_rate=1e-3"), fault="kill", at=1)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert "step 0:" in p.stdout  # the new run logged its first eval before it died
+    assert {n: sha256(out / n) for n in before} == before
+    folder_is_clean(out)
+    p = train(*args(base, data, out, "--overwrite=true", "--max_iters=10", "--learning_rate=1e-3"))
+    assert p.returncode == 0, p.stderr
+    m = metrics(out)
+    assert sorted(m["val/loss"]) == [0, 5, 10] and sorted(m["train/loss_step"]) == list(range(1, 11))
+    assert checkpoint.load(str(out))[1]["iter_num"] == 10
+    assert sorted(os.listdir(out)) == [checkpoint.CKPT_NAME, "metrics.jsonl"]  # stale temp files removed
+
+
+def prepare_killed(text_file, out_dir, kill_at):
+    """data/milton/prepare.py on text_file, SIGKILLed at a chosen moment: 'write' = while writing the
+    second temp shard, 'publish' = right after the first rename of the publish step."""
+    code = f"""
+import os, runpy, signal, sys
+sys.path.insert(0, {ROOT!r})
+import shards
+real_write, real_replace, n = shards._write_temp, os.replace, [0]
+def write(*a, **k):
+    n[0] += 1
+    if {kill_at!r} == "write" and n[0] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_write(*a, **k)
+def replace(a, b):
+    real_replace(a, b)
+    if {kill_at!r} == "publish" and b.endswith(".bin"):
+        os.kill(os.getpid(), signal.SIGKILL)
+shards._write_temp, os.replace = write, replace
+sys.argv = ["prepare.py", "--input", {str(text_file)!r}, "--out_dir", {str(out_dir)!r}]
+runpy.run_path(os.path.join({ROOT!r}, "data", "milton", "prepare.py"), run_name="__main__")
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env())
+
+
+def test_an_interrupted_prepare_never_gives_a_mixed_pair(base_bpe, tmp_path):
+    """Killed while writing, prepare.py leaves the previous train.bin/val.bin, byte for byte, and train.py
+    uses them. Killed between the renames of its publish step (a new train.bin, the old val.bin), train.py
+    refuses the pair with one line, and re-running prepare.py repairs it. Preparing the same text again
+    gives the same prep_id (a resume accepts it)."""
+    old_text, new_text = tmp_path / "old.txt", tmp_path / "new.txt"
+    old_text.write_text("The first text, line one.\n" * 300)
+    new_text.write_text("Another text entirely, with other words.\n" * 300)
+    out = tmp_path / "data"
+    assert subprocess.run([sys.executable, "data/milton/prepare.py", "--input", str(old_text), "--out_dir", str(out)],
+                          cwd=ROOT, capture_output=True, env=env()).returncode == 0
+    old = {n: sha256(out / n) for n in ("train.bin", "val.bin")}
+    old_id = shards.check_same_preparation([str(out / "train.bin"), str(out / "val.bin")])
+    assert old_id != 0
+
+    def train_on(data_dir):
+        return train("--device=cpu", f"--init_from={base_bpe}", f"--dataset={data_dir}", f"--out_dir={tmp_path / 'run'}",
+                     "--batch_size=2", "--block_size=16", "--eval_only=true", "--eval_iters=1", "--overwrite=true")
+
+    assert prepare_killed(new_text, out, "write").returncode == -signal.SIGKILL
+    assert {n: sha256(out / n) for n in old} == old
+    p = train_on(out)
+    assert p.returncode == 0, p.stderr
+    assert prepare_killed(new_text, out, "publish").returncode == -signal.SIGKILL
+    assert sha256(out / "train.bin") != old["train.bin"] and sha256(out / "val.bin") == old["val.bin"]  # mixed
+    p = train_on(out)
+    assert p.returncode == 2
+    assert "come from different preparations" in error_line(p) and "prepare.py" in error_line(p)
+    assert subprocess.run([sys.executable, "data/milton/prepare.py", "--input", str(old_text), "--out_dir", str(out)],
+                          cwd=ROOT, capture_output=True, env=env()).returncode == 0
+    assert {n: sha256(out / n) for n in old} == old  # the same text: the same shards, the same prep_id
+    assert train_on(out).returncode == 0
+
+
+def test_sample_and_eval_from_another_folder_on_a_run_from_a_relative_base(base, data, tmp_path):
+    """A run trained from cwd=work with --init_from=base (a relative folder). sample.py and eval.py find
+    that base from any other folder; after the base is moved they say so in one line and --base=PATH
+    points at it (same output); a checkpoint that recorded only a path relative to the repo root (as
+    before absolute paths were recorded) still loads."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(base, work / "base")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args("base", data, "run", "--method=lora",
+                        "--max_iters=2", "--eval_interval=2", "--dropout=0.0")], cwd=work, capture_output=True, text=True,
+                       timeout=300, env=env())
+    assert p.returncode == 0, p.stderr
+    run = work / "run"
+    assert checkpoint.load(str(run))[1]["base"]["init_from"] == "base"
+
+    def sample(*extra):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--device=cpu", f"--out_dir={run}",
+                               "--start=!#", "--num_samples=1", "--max_new_tokens=8", "--temperature=0", *extra],
+                              cwd=elsewhere, capture_output=True, text=True, timeout=300, env=env())
+
+    def evaluate(*extra):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--device=cpu", f"--models={run}",
+                               f"--datasets={data}", "--out=r.json", "--overwrite=true", *extra],
+                              cwd=elsewhere, capture_output=True, text=True, timeout=300, env=env())
+
+    s, e = sample(), evaluate()
+    assert s.returncode == 0 and e.returncode == 0, s.stderr + e.stderr
+    ppl = json.loads((elsewhere / "r.json").read_text())["models"][0]["datasets"]
+    os.rename(work / "base", tmp_path / "moved")
+    for q in (sample(), evaluate()):
+        assert q.returncode == 2 and "--base=PATH" in error_line(q)
+    s2, e2 = sample(f"--base={tmp_path / 'moved'}"), evaluate(f"--base={tmp_path / 'moved'}")
+    assert s2.returncode == 0 and e2.returncode == 0, s2.stderr + e2.stderr
+    assert s2.stdout == s.stdout
+    assert json.loads((elsewhere / "r.json").read_text())["models"][0]["datasets"] == ppl
+    # an old checkpoint: only the path as given, relative to the repo root
+    from safetensors.torch import load_file, save_file
+    tensors, meta = load_file(run / checkpoint.CKPT_NAME), checkpoint.read_meta(str(run / checkpoint.CKPT_NAME))
+    meta["base"] = {"init_from": os.path.relpath(tmp_path / "moved", ROOT), "fingerprint": meta["base"]["fingerprint"]}
+    save_file(tensors, run / checkpoint.CKPT_NAME, metadata={"meta": json.dumps(meta)})
+    s3 = sample()
+    assert s3.returncode == 0 and s3.stdout == s.stdout, s3.stderr

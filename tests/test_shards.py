@@ -167,3 +167,22 @@ def test_download_failure_falls_back_with_one_line(monkeypatch, capsys):
     assert shards.download_text("https://example.invalid/input.txt") is None
     out = capsys.readouterr().out
     assert len(out.strip().splitlines()) == 1 and "using the bundled texts" in out
+
+
+def test_one_preparation_shares_one_prep_id(tmp_path):
+    """write_prepared stamps every shard with a hash of all of them: the same arrays give the same id,
+    other arrays another; check_same_preparation refuses a mix and accepts shards without an id (0)."""
+    a, b = np.arange(100) % 256, (np.arange(100) * 3) % 256
+    id1 = shards.write_prepared(str(tmp_path / "x"), {"train.bin": (a, "tokens"), "val.bin": (a, "tokens")})
+    id2 = shards.write_prepared(str(tmp_path / "y"), {"train.bin": (b, "tokens"), "val.bin": (a, "tokens")})
+    assert id1 != id2 and 0 not in (id1, id2)
+    assert shards.write_prepared(str(tmp_path / "z"), {"train.bin": (a, "tokens"), "val.bin": (a, "tokens")}) == id1
+    assert sorted(os.listdir(tmp_path / "x")) == ["train.bin", "val.bin"]  # no temp file left
+    assert np.array_equal(shards.read_shard(str(tmp_path / "x" / "train.bin")), a)
+    x = [str(tmp_path / "x" / n) for n in ("train.bin", "val.bin")]
+    assert shards.check_same_preparation(x) == id1
+    with pytest.raises(UserError, match="come from different preparations"):
+        shards.check_same_preparation([x[0], str(tmp_path / "y" / "val.bin")])
+    shards.write_shard(str(tmp_path / "old" / "train.bin"), a)  # shards written one by one (as before prep_ids)
+    shards.write_shard(str(tmp_path / "old" / "val.bin"), a)
+    assert shards.check_same_preparation([str(tmp_path / "old" / n) for n in ("train.bin", "val.bin")]) == 0
