@@ -186,7 +186,7 @@ SWEEP_RUNS = ["lora1-lr0.001", "lora1-lr0.03", "ia3-lr0.003", "ia3-lr0.1"]
 
 
 @pytest.fixture(scope="module")
-def sweep(grid, base, tmp_path_factory):
+def sweep_config(grid, tmp_path_factory):
     """A sweep grid (2 methods x 2 rates) with forget_data: a second token stream, the 'base domain'."""
     import numpy as np
     from shards import write_shard
@@ -204,6 +204,13 @@ def sweep(grid, base, tmp_path_factory):
         "              lr_decay_iters=8, learning_rate=3e-3, min_lr=3e-4)\n"
         f"runs = [('lora1', dict(method='lora', targets=('lora1',), r=4, alpha=8.0, learning_rate={SWEEP['lora1']!r})),\n"
         f"        ('ia3', dict(method='ia3', learning_rate={SWEEP['ia3']!r}))]\n")
+    return tmp, other
+
+
+@pytest.fixture(scope="module")
+def sweep(sweep_config):
+    """The sweep trained and scored, with the figures also in an assets folder."""
+    tmp, other = sweep_config
     out = tmp / "out"
     p = subprocess.run([sys.executable, "compare.py", str(tmp / "sweep_tiny.py"), f"--out_dir={out}",
                         f"--assets_dir={tmp / 'assets'}", "--assets_name=sw"], cwd=ROOT, capture_output=True, text=True,
@@ -307,8 +314,8 @@ def test_sweep_resume_skips_finished_runs_and_their_scores(sweep):
     assert [ln.split(":")[0] for ln in p.stdout.splitlines()[:4]] == SWEEP_RUNS and "4 runs of 8 iters" in p.stdout
 
 
-def test_bad_sweep_input_stops_with_one_line(sweep, tmp_path):
-    tmp, out, _, _ = sweep
+def test_bad_sweep_input_stops_with_one_line(sweep_config, tmp_path):
+    tmp, _ = sweep_config
 
     def fails(*args, message, config=None):
         if config is not None:
@@ -329,8 +336,8 @@ def test_bad_sweep_input_stops_with_one_line(sweep, tmp_path):
           message="learning_rate nan must be a positive finite number")
     fails(f"--out_dir={new}", "--runs=[('x', {'method': 'lora', 'learning_rate': (1e-3, 1e-2), 'min_lr': 1e-5})]",
           message="drop min_lr")
-    fails(f"--out_dir={new}", "--runs=[('x-lr0.001', {'method': 'lora'}), ('x', {'method': 'lora', 'learning_rate': [1e-3]})]",
-          message="two runs are named 'x-lr0.001'")
+    fails(f"--out_dir={new}", "--runs=[('x-lr1e-05', {'method': 'lora'}), ('x', {'method': 'lora', 'learning_rate': [1e-5]})]",
+          message="two runs are named 'x-lr1e-05'")
     fails(f"--out_dir={new}", f"--forget_data={tmp_path / 'nowhere'}", "--dry_run=true", message="nowhere")
     assert not new.exists()
     # an out_dir (or assets_dir) that cannot be written stops a dry run too, before any work
