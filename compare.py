@@ -896,11 +896,11 @@ def plot_forgetting(results, path):
     fg = results["forgetting"]
     gcol = group_colors(results)
     runs_ = [r for r in results["runs"] if r.get("learned_ppl") is not None]
-    fig, ax = plt.subplots(figsize=(10, 7), layout="constrained")
+    fig, ax = plt.subplots(figsize=(11, 8.5), layout="constrained")
     for group, c in gcol.items():
         pts = sorted((r["learning_rate"], r["learned_ppl"], r["forgot_ppl"]) for r in runs_ if r.get("group", r["name"]) == group)
-        if len(pts) > 1:
-            ax.plot([p[1] for p in pts], [p[2] for p in pts], color=c, lw=1, alpha=0.6)
+        if pts:
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], color=c, lw=1, alpha=0.6, label=group)
     ax.scatter([r["learned_ppl"] for r in runs_], [r["forgot_ppl"] for r in runs_], s=55, zorder=3, edgecolors="black",
                linewidths=0.5, c=[gcol[r.get("group", r["name"])] for r in runs_])
     bx, by = fg["base"]["learned_ppl"], fg["base"]["forgot_ppl"]
@@ -916,6 +916,8 @@ def plot_forgetting(results, path):
     ax.set_ylabel(f"perplexity on {fg['forgot_data']} val (the base's own data): higher = forgot more")
     ax.grid(alpha=0.3)
     ax.text(0.01, 0.01, "dashed: the base model (star)", transform=ax.transAxes, color="gray", fontsize=9, va="bottom")
+    if len(gcol) < len(runs_):  # a sweep: the colors are its entries
+        ax.legend(title="run (its rates joined)", fontsize=9, loc="upper right")
     fig.suptitle(f"Learning vs forgetting ({fg['tokens']['learned']:,} and {fg['tokens']['forgot']:,} tokens, windows of "
                  f"{fg['block_size']})\n{subtitle(results)}", fontsize=10)
     fig.savefig(path, dpi=120)
