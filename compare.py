@@ -162,13 +162,14 @@ def check_writable(path, key):
     if not os.path.isdir(folder):
         raise UserError(f"--{key}={path}: {folder} is a file, not a folder; choose another --{key}")
     try:
-        tempfile.TemporaryFile(dir=folder).close()  # the honest test (os.access says yes to root on a read-only mount)
+        tempfile.TemporaryFile(dir=folder).close()  # the honest test: os.access says yes to root in a 0o555 folder
     except OSError as e:
         raise UserError(f"--{key}={path}: cannot write in {folder} ({e.strerror or e}); choose another --{key}") from None
 
 
 def check_runs():
-    """[(name, settings)] from the config's `runs`, with one clear error for each kind of mistake."""
+    """[(run name, settings, entry name)] from the config's `runs`, with one clear error for each kind
+    of mistake. An entry whose learning_rate is a list (a sweep) becomes one run per rate."""
     if not runs:
         raise UserError("no runs: pass a grid config, e.g. python compare.py config/compare_default.py")
     if not isinstance(common, dict):
@@ -473,8 +474,8 @@ def eval_data(plans):
     tokens of each val.bin), or None without forget_data. Checked before any training."""
     if not forget_data:
         return None
-    if eval_tokens < 0:
-        raise UserError(f"eval_tokens={eval_tokens} must be 0 (all) or a number of tokens, e.g. 16384")
+    if eval_tokens < 0 or eval_tokens == 1:
+        raise UserError(f"eval_tokens={eval_tokens} must be 0 (all) or at least 2 tokens, e.g. 16384")
     from eval import load_dataset
     data = {}
     for kind, spec in (("learned", plans[0]["config"]["dataset"]), ("forgot", forget_data)):

@@ -339,6 +339,7 @@ def test_bad_sweep_input_stops_with_one_line(sweep_config, tmp_path):
     fails(f"--out_dir={new}", "--runs=[('x-lr1e-05', {'method': 'lora'}), ('x', {'method': 'lora', 'learning_rate': [1e-5]})]",
           message="two runs are named 'x-lr1e-05'")
     fails(f"--out_dir={new}", f"--forget_data={tmp_path / 'nowhere'}", "--dry_run=true", message="nowhere")
+    fails(f"--out_dir={new}", "--eval_tokens=1", "--dry_run=true", message="eval_tokens=1 must be 0 (all) or at least 2")
     assert not new.exists()
     # an out_dir (or assets_dir) that cannot be written stops a dry run too, before any work
     a_file = tmp_path / "a_file"
