@@ -6,6 +6,7 @@ budget and learning-rate schedule, then writes the results table and draws the f
     python compare.py config/compare_default.py --assets_dir=assets  # also put the figures in assets/ (README)
     python compare.py config/compare_default.py --plot_only=true     # redraw from results.json
     python compare.py config/compare_default.py --dry_run=true       # check the grid, print the commands
+    python compare.py config/compare_sweep.py --assets_dir=assets --assets_name=sweep   # lr sweep + forgetting
     python compare.py config/compare_default.py --device=cuda --out_dir=out-compare-gpu \
         --assets_dir=assets --assets_name=compare_gpu                # the same grid on a GPU
     tensorboard --logdir out-compare                                 # every run's curves
@@ -22,6 +23,20 @@ not carry over: each run's method settings are exactly its entry (train.py's def
 A run that sets learning_rate but not min_lr gets min_lr scaled by the same factor, so every run
 follows the same schedule shape.
 
+Learning-rate sweep: a run whose learning_rate is a list, e.g.
+    ("lora3", dict(method="lora", targets=("lora3",), learning_rate=(1e-3, 3e-3, 1e-2)))
+becomes one run per rate, named lora3-lr0.001, lora3-lr0.003, lora3-lr0.01, each with min_lr scaled
+from common's min_lr / learning_rate (a sweep may not set min_lr). Methods have very different good
+rates, so a grid at one rate ranks the rates as much as the methods. The results then name each
+entry's best rate (lowest final validation loss) and compare_lr.png draws final val loss against
+the rate (log scale), one line per entry.
+
+Learning versus forgetting: with forget_data (a data folder holding val.bin, e.g. milton, the base's
+own domain), the base and every finished run are scored with eval.py's perplexity on the first
+eval_tokens tokens of the fine-tuning data's val.bin (learned) and of forget_data's (forgot), in
+disjoint windows of block_size tokens, adapters merged; compare_forgetting.png draws one against
+the other, the base model starred. Scores are kept in grid.json: a re-run scores only new runs.
+
 Output folder (out_dir):
     grid.json           the grid's identity (fingerprints) and each run's measured segments
     results.json        per run: method, settings, train.py command, trainable parameters (count
@@ -32,6 +47,8 @@ Output folder (out_dir):
     compare_curves.png  training and validation loss of every run
     compare_params.png  trainable parameters vs final validation loss
     compare_cost.png    peak memory, wall time and throughput per run
+    compare_lr.png      final validation loss vs learning rate, one line per entry (a sweep)
+    compare_forgetting.png  perplexity on the fine-tuning data vs on forget_data (with forget_data)
     <run>/              train.py's out_dir: ckpt.safetensors, metrics.jsonl, tb/ (TensorBoard)
     logs/<run>.log      the run's console output
 
@@ -65,6 +82,7 @@ import time
 import checkpoint
 import configurator
 import errors
+import outputs
 import peft
 from errors import UserError
 from peft.config import TRAIN_KEYS, fields_used
@@ -81,6 +99,8 @@ device = ""  # '' = as base_config and common say; e.g. 'cuda' runs every run on
 max_runs = 0  # stop after training this many runs (finished runs that are skipped do not count); 0 = all
 plot_only = False  # redraw the figures and tables from out_dir/results.json, train nothing
 dry_run = False  # check the grid and print each run's train.py command, train nothing
+forget_data = ""  # also score every run and the base on this data folder's val.bin (the base's own domain, e.g. 'milton'): learned vs forgot
+eval_tokens = 16384  # tokens of each val.bin scored for learned vs forgot (disjoint windows of block_size); 0 = all
 runs = ()  # [(name, {train.py key: value}), ...]
 # -----------------------------------------------------------------------------
 defaults = configurator.defaults_from(globals())
@@ -90,7 +110,7 @@ _ = configurator.ANY
 domains = {  # the valid values of every key (configurator's rules), checked before anything runs
     "base_config": configurator.PATH, "out_dir": configurator.PATH, "assets_dir": _, "assets_name": configurator.PATH,
     "device": lambda d: d and configurator.DEVICE(d), "max_runs": ">= 0", "plot_only": _, "dry_run": _, "runs": _,
-    "common": _,
+    "common": _, "forget_data": _, "eval_tokens": ">= 0",
 }
 config = configurator.configure(defaults, sys.argv[1:], domains)
 globals().update(config)
@@ -140,7 +160,8 @@ def read_json(path):
 
 
 def check_runs():
-    """[(name, settings)] from the config's `runs`, with one clear error for each kind of mistake."""
+    """[(run name, settings, entry name)] from the config's `runs`, with one clear error for each kind
+    of mistake. An entry whose learning_rate is a list (a sweep) becomes one run per rate."""
     if not runs:
         raise UserError("no runs: pass a grid config, e.g. python compare.py config/compare_default.py")
     if not isinstance(common, dict):
@@ -153,9 +174,6 @@ def check_runs():
         name, settings = entry
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_+-]*", name) or name == "logs":
             raise UserError(f"run name '{name}' cannot name a run folder; use letters, digits, _ + and - (and not 'logs')")
-        if name in seen:
-            raise UserError(f"two runs are named '{name}'; give every run its own name")
-        seen.add(name)
         where = f"run '{name}'"
         if "method" not in settings:
             raise fail_in(where, f"no method; add \"method\": one of {', '.join(peft.METHODS)}")
@@ -175,13 +193,41 @@ def check_runs():
                 usable = [k for k, f in TRAIN_KEYS.items() if f in used]
                 hint = (f"method '{method}' uses {', '.join(usable)}" if usable else f"method '{method}' has no adapter settings")
                 raise fail_in(where, f"{key} does not apply to method '{method}' ({hint}); drop it or pick a method that uses it")
-        grid.append((name, dict(settings)))
+        lr = settings.get("learning_rate")
+        if isinstance(lr, (tuple, list)):  # a sweep: one run per learning rate, named <name>-lr<rate>
+            if "min_lr" in settings:
+                raise fail_in(where, "sets min_lr and a list of learning rates; drop min_lr: each rate's min_lr is "
+                                     "scaled from common's min_lr / learning_rate, the same for every run")
+            expanded = [(f"{name}-lr{v:g}", dict(settings, learning_rate=v)) for v in check_lrs(where, lr)]
+        else:
+            if lr is not None:
+                check_lrs(where, [lr])
+            expanded = [(name, dict(settings))]
+        for run_name, run_settings in expanded:
+            if run_name in seen:
+                raise UserError(f"two runs are named '{run_name}'; give every run its own name")
+            seen.add(run_name)
+            grid.append((run_name, run_settings, name))
     for key in common:
         if key in TRAIN_KEYS:
             raise UserError(f"common sets {key}, a method setting; set it in each run's entry instead")
         if key in RESERVED_KEYS:
             raise UserError(f"common sets {key}, which compare.py sets for every run itself; drop it")
     return grid
+
+
+def check_lrs(where, lrs):
+    """The learning rates of a run (one, or a sweep's list): positive finite numbers, each once."""
+    if not lrs:
+        raise fail_in(where, "learning_rate is an empty list; give one rate or several, e.g. (1e-3, 3e-3, 1e-2)")
+    seen = set()
+    for v in lrs:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise fail_in(where, f"learning_rate {v!r} must be a positive finite number, e.g. 3e-3")
+        if f"{v:g}" in seen:
+            raise fail_in(where, f"lists learning_rate {v:g} twice; give each rate once")
+        seen.add(f"{v:g}")
+    return [float(v) for v in lrs]
 
 
 def fingerprints(grid):
@@ -193,7 +239,7 @@ def fingerprints(grid):
         text = f.read()
     shared = {"base_config": base_config, "base_config_sha256": hashlib.sha256(text).hexdigest()[:16],
               "common": jsonable(common), "device": device}
-    return sha(shared), shared, {name: sha(settings) for name, settings in grid}
+    return sha(shared), shared, {name: sha(settings) for name, settings, _ in grid}
 
 
 def check_out_dir(grid):
@@ -216,7 +262,7 @@ def check_out_dir(grid):
         raise UserError(f"{out_dir} exists but holds no grid.json, so it is not a compare.py output folder; choose another --out_dir")
     else:
         state = {"fingerprint": grid_fp, "shared": shared, "runs": {}}
-    for name, settings in grid:
+    for name, settings, _ in grid:
         old = state["runs"].get(name)
         if old is None or old["fingerprint"] != run_fps[name]:
             state["runs"][name] = {"fingerprint": run_fps[name], "settings": jsonable(settings), "segments": [], "params": None}
@@ -281,7 +327,7 @@ def resolve(grid, keys, rules):
         raise UserError(f"init_from='resume' (from {base_config} or common): compare.py resumes unfinished runs by itself; "
                         f"set init_from to the base model, e.g. gpt2 or models/gpt2-milton")
     plans = []
-    for name, settings in grid:
+    for name, settings, group in grid:
         where = f"run '{name}'"
         cfg = dict(shared)
         for key, value in settings.items():
@@ -305,7 +351,7 @@ def resolve(grid, keys, rules):
         args = [base_config] + [f"--{k}={arg(v)}" for k, v in cfg.items() if v != base[k]]
         if configurator.configure(keys, args, rules) != cfg:  # the command line must give exactly this config
             raise RuntimeError(f"run '{name}': the train.py arguments {args} do not reproduce its config")
-        plans.append({"name": name, "settings": settings, "config": cfg, "args": args})
+        plans.append({"name": name, "group": group, "settings": settings, "config": cfg, "args": args})
     return plans
 
 
@@ -369,6 +415,7 @@ def start_fresh(plan, record):
         if name.startswith("events.out.tfevents."):
             os.remove(os.path.join(tb, name))
     record["segments"], record["params"] = [], None
+    record.pop("eval", None)
 
 
 def train_grid(plans, state):
@@ -394,6 +441,7 @@ def train_grid(plans, state):
         end_status, end_it = run_status(plan)
         record["segments"].append({"from_iter": it, "to_iter": end_it, "wall_s": round(wall, 2),
                                    "peak_rss_mb": round(rss, 1), "exit_code": rc})
+        record.pop("eval", None)  # new weights: score them again
         m = re.search(r"method \S+: ([\d,]+) trainable parameters of ([\d,]+)", output)
         if m:
             record["params"] = {"trainable": int(m.group(1).replace(",", "")), "total": int(m.group(2).replace(",", ""))}
@@ -409,6 +457,55 @@ def train_grid(plans, state):
             print(f"error: run '{name}' crashed (exit code {rc}); its output is above and in {log}", file=sys.stderr)
             sys.exit(1)
     return None
+
+
+# -----------------------------------------------------------------------------
+# learned vs forgot: eval.py's perplexity of each finished run (and of the base) on the fine-tuning
+# data's val.bin and on forget_data's val.bin (the base's own domain)
+
+
+def eval_data(plans):
+    """{'learned': dataset, 'forgot': dataset} as eval.load_dataset reads them (the first eval_tokens
+    tokens of each val.bin), or None without forget_data. Checked before any training."""
+    if not forget_data:
+        return None
+    if eval_tokens < 0 or eval_tokens == 1:
+        raise UserError(f"eval_tokens={eval_tokens} must be 0 (all) or at least 2 tokens, e.g. 16384")
+    from eval import load_dataset
+    data = {}
+    for kind, spec in (("learned", plans[0]["config"]["dataset"]), ("forgot", forget_data)):
+        ds = load_dataset(spec)  # one clear line if the folder or its val.bin is missing
+        if ds["kind"] != "ppl":
+            raise UserError(f"forget_data='{forget_data}': give a data folder holding val.bin, e.g. milton")
+        if eval_tokens:
+            ds["docs"] = [d[:eval_tokens] for d in ds["docs"]]
+        data[kind] = ds
+    return data
+
+
+def evaluate(plans, state, data):
+    """Score every finished run not scored yet (and the base) on both datasets; kept in grid.json."""
+    from eval import load_for_eval, perplexity
+    cfg = plans[0]["config"]
+    W = cfg["block_size"]
+    key = sha({"learned": data["learned"]["source"], "forgot": data["forgot"]["source"], "eval_tokens": eval_tokens,
+               "block_size": W})
+
+    def score(source, record, label):
+        if record.get("eval", {}).get("key") == key:
+            return
+        t0 = time.perf_counter()
+        model, _ = load_for_eval(source, cfg["device"])
+        record["eval"] = {"key": key, **{kind: perplexity(model, ds["docs"], W, W, batch_size=8, device=cfg["device"])
+                                         for kind, ds in data.items()}}
+        write_json(os.path.join(out_dir, "grid.json"), state)
+        print(f"{label}: {data['learned']['name']} ppl {record['eval']['learned']['ppl']:.2f}, "
+              f"{data['forgot']['name']} ppl {record['eval']['forgot']['ppl']:.2f} ({time.perf_counter() - t0:.0f} s)")
+
+    score(cfg["init_from"], state.setdefault("base", {}), f"base {cfg['init_from']}")
+    for plan in plans:
+        if run_status(plan)[0] == "done":
+            score(plan["config"]["out_dir"], state["runs"][plan["name"]], plan["name"])
 
 
 # -----------------------------------------------------------------------------
@@ -442,7 +539,7 @@ def device_name(cfg):
     return f"CPU: {model or 'unknown model'}, {cores} cores"
 
 
-def collect(plans, state, baseline_mb):
+def collect(plans, state, baseline_mb, data):
     rows, missing = [], []
     for plan in plans:
         name, cfg = plan["name"], plan["config"]
@@ -459,8 +556,8 @@ def collect(plans, state, baseline_mb):
         base_params = None if total is None else (total if cfg["method"] == "full" else total - trainable)
         tok_s = [r["tok_per_s"] for r in steps.values() if "tok_per_s" in r]
         rows.append({
-            "name": name, "method": cfg["method"], "quantize": cfg["quantize"] or None, "settings": jsonable(plan["settings"]),
-            "learning_rate": cfg["learning_rate"],
+            "name": name, "group": plan["group"], "method": cfg["method"], "quantize": cfg["quantize"] or None,
+            "settings": jsonable(plan["settings"]), "learning_rate": cfg["learning_rate"],
             "command": shlex.join(["python", "train.py"] + plan["args"]),
             "trainable_params": trainable, "total_params": total, "base_params": base_params,
             "trainable_pct": None if trainable is None else round(100 * trainable / base_params, 4),
@@ -477,7 +574,16 @@ def collect(plans, state, baseline_mb):
                       "val_loss": [r["val/loss"] for r in evals.values()]},
             "steps": {"iter": list(steps), "loss": [r["train/loss_step"] for r in steps.values()]},
         })
+        if data and "eval" in record:
+            rows[-1]["learned_ppl"] = round(record["eval"]["learned"]["ppl"], 2)
+            rows[-1]["forgot_ppl"] = round(record["eval"]["forgot"]["ppl"], 2)
     cfg = plans[0]["config"]
+    forgetting = None
+    if data and "eval" in state.get("base", {}):
+        base = state["base"]["eval"]
+        forgetting = {"learned_data": data["learned"]["name"], "forgot_data": data["forgot"]["name"],
+                      "tokens": {k: base[k]["tokens"] for k in ("learned", "forgot")}, "block_size": cfg["block_size"],
+                      "base": {"learned_ppl": round(base["learned"]["ppl"], 2), "forgot_ppl": round(base["forgot"]["ppl"], 2)}}
     tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
     return {
         "command": shlex.join(["python", "compare.py"] + sys.argv[1:]),
@@ -487,12 +593,30 @@ def collect(plans, state, baseline_mb):
                    "tokens": cfg["max_iters"] * tokens_per_iter, "seed": cfg["seed"], "dataset": cfg["dataset"],
                    "init_from": cfg["init_from"], "block_size": cfg["block_size"], "batch_size": cfg["batch_size"]},
         "rss_baseline_mb": round(baseline_mb, 1),
-        "runs": rows, "missing": missing,
+        "runs": rows, "missing": missing, "best": best_lrs(plans, rows), "forgetting": forgetting,
     }
 
 
+def best_lrs(plans, rows):
+    """Per grid entry (a sweep's group of runs): its run with the lowest final validation loss, and
+    every rate tried. Ties go to the lower rate."""
+    done = {r["name"]: r for r in rows}
+    out = []
+    for group in dict.fromkeys(p["group"] for p in plans):
+        tried = sorted((r["learning_rate"], r["final_val_loss"], r["name"]) for r in rows if r["group"] == group)
+        if not tried:
+            continue
+        lr, loss, name = min(tried, key=lambda t: (t[1], t[0]))
+        out.append({"group": group, "method": done[name]["method"], "best_run": name, "learning_rate": lr,
+                    "final_val_loss": loss, "final_val_ppl": done[name]["final_val_ppl"],
+                    "learning_rates": [t[0] for t in tried], "val_losses": [t[1] for t in tried],
+                    "complete": len(tried) == sum(p["group"] == group for p in plans)})
+    return out
+
+
 CSV_FIELDS = ("name", "method", "quantize", "settings", "learning_rate", "trainable_params", "trainable_pct", "final_val_loss",
-              "final_val_ppl", "best_val_loss", "final_train_loss", "peak_mem_mb", "peak_mem_kind", "wall_s", "tok_per_s")
+              "final_val_ppl", "best_val_loss", "final_train_loss", "peak_mem_mb", "peak_mem_kind", "wall_s", "tok_per_s",
+              "group", "learned_ppl", "forgot_ppl")
 
 
 def fmt_int(n):
@@ -518,17 +642,38 @@ def write_tables(results):
                 w.writerow((r["name"], it, tr, va))
     b = results["budget"]
     mem = "peak CUDA memory" if any(r["peak_mem_kind"] == "cuda_max_allocated" for r in results["runs"]) else "peak RSS"
+    fg = results.get("forgetting")
+    ppl_cols = f" {fg['learned_data']} ppl (learned) | {fg['forgot_data']} ppl (forgot) |" if fg else ""
     lines = [f"Device: {results['device']}. Every run: {b['tokens']:,} tokens ({b['max_iters']} iters x "
              f"{b['tokens_per_iter']:,}), seed {b['seed']}, data `{b['dataset']}`, base `{b['init_from']}`.",
              "", f"`{results['command']}`", "",
-             f"| run | method | trainable params | % of base | val loss | val ppl | {mem} (MB) | wall time (s) | tokens/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| run | method | learning rate | trainable params | % of base | val loss | val ppl | {mem} (MB) | wall time (s) | tokens/s |"
+             + ppl_cols,
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if fg else "")]
+    if fg:
+        lines.append(f"| base | | | | | | | | | | {fg['base']['learned_ppl']:.2f} | {fg['base']['forgot_ppl']:.2f} |")
     for r in results["runs"]:
         method = r["method"] + (f" + {r['quantize']}" if r.get("quantize") else "")
-        lines.append(f"| {r['name']} | {method} | {fmt_int(r['trainable_params'])} | {fmt(r['trainable_pct'], '.3f')} | "
-                     f"{r['final_val_loss']:.4f} | {r['final_val_ppl']:.2f} | {fmt(r['peak_mem_mb'], ',.0f')} | "
+        lines.append(f"| {r['name']} | {method} | {r['learning_rate']:g} | {fmt_int(r['trainable_params'])} | "
+                     f"{fmt(r['trainable_pct'], '.3f')} | {r['final_val_loss']:.4f} | {r['final_val_ppl']:.2f} | "
+                     f"{fmt(r['peak_mem_mb'], ',.0f')} | "
                      f"{fmt(r['wall_s'], '.0f')}{f' ({n} parts)' if (n := r.get('segments', 1)) > 1 else ''} | "
-                     f"{fmt(r['tok_per_s'], ',.0f')} |")
+                     f"{fmt(r['tok_per_s'], ',.0f')} |"
+                     + (f" {fmt(r.get('learned_ppl'), '.2f')} | {fmt(r.get('forgot_ppl'), '.2f')} |" if fg else ""))
+    if fg:
+        lines += ["", f"Learned / forgot: eval.py's perplexity on the first {fg['tokens']['learned']:,} scored tokens of "
+                      f"{fg['learned_data']}'s val.bin and {fg['tokens']['forgot']:,} of {fg['forgot_data']}'s "
+                      f"(the base's own domain), disjoint windows of {fg['block_size']} tokens."]
+    if is_sweep(results):
+        lines += ["", "Each run at its best learning rate (lowest final val loss; every rate tried, with its val loss):", "",
+                  "| run | method | best learning rate | val loss | val ppl | rates tried: val loss |",
+                  "|---|---|---:|---:|---:|---|"]
+        for g in results["best"]:
+            tried = ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in zip(g["learning_rates"], g["val_losses"]))
+            edge = " (an end of the range: try further)" if len(g["learning_rates"]) > 1 and g["learning_rate"] in (
+                g["learning_rates"][0], g["learning_rates"][-1]) else ""
+            lines.append(f"| {g['group']} | {g['method']} | {g['learning_rate']:g}{edge} | {g['final_val_loss']:.4f} | "
+                         f"{g['final_val_ppl']:.2f} | {tried}{'' if g['complete'] else ' (not all finished)'} |")
     if mem == "peak RSS" and results.get("rss_baseline_mb"):
         lines += ["", f"Peak RSS is the whole training process; Python and torch alone take {results['rss_baseline_mb']:,.0f} MB. "
                       f"Wall time includes start-up, evals and checkpoints; a run resumed in n parts starts up n times."]
@@ -536,6 +681,10 @@ def write_tables(results):
         lines += ["", f"Not finished yet: {', '.join(results['missing'])}."]
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def is_sweep(results):
+    return any(len(g["learning_rates"]) > 1 for g in results.get("best", []))
 
 
 # -----------------------------------------------------------------------------
@@ -628,6 +777,28 @@ def place_labels(ax, xs, ys, names, fontsize=9):
     return pix, pos
 
 
+def label_points(ax, xs, ys, names, fontsize=9):
+    """Name every point (labels right of the points, pushed apart, with a leader line when moved);
+    the y range widens until every label fits inside the axes. Set the x range first."""
+    fig = ax.figure
+    span = (max(ys) - min(ys)) or 0.1
+    ax.set_ylim(min(ys) - 0.1 * span, max(ys) + 0.1 * span)
+    for _ in range(3):  # widen the y range until every label fits inside the axes
+        pix, pos = place_labels(ax, xs, ys, names, fontsize)
+        box = ax.get_window_extent()
+        below, above = box.y0 + 8 - min(y for _, y in pos), max(y for _, y in pos) + 8 - box.y1
+        if below <= 0 and above <= 0:
+            break
+        lo, hi = ax.get_ylim()
+        per_px = (hi - lo) / box.height
+        ax.set_ylim(lo - max(below, 0) * per_px * 1.2, hi + max(above, 0) * per_px * 1.2)
+    to_pt = 72 / fig.dpi
+    for i, name in enumerate(names):
+        dx, dy = (pos[i][0] - pix[i][0]) * to_pt, (pos[i][1] - pix[i][1]) * to_pt
+        ax.annotate(name, (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, va="center",
+                    arrowprops=dict(arrowstyle="-", color="gray", lw=0.6, shrinkA=0, shrinkB=4) if abs(dy) > 4 else None)
+
+
 def plot_params(results, runs_, cols, path):
     import matplotlib.pyplot as plt
     pts = [(r, c) for r, c in zip(runs_, cols) if r["trainable_params"]]
@@ -643,22 +814,7 @@ def plot_params(results, runs_, cols, path):
     fig.suptitle(f"Trainable parameters vs final validation loss\n{subtitle(results)}", fontsize=10)
     if xs:
         ax.set_xlim(min(xs) / 2.5, max(xs) * 5)  # room for the labels right of the points
-        span = (max(ys) - min(ys)) or 0.1
-        ax.set_ylim(min(ys) - 0.1 * span, max(ys) + 0.1 * span)
-        for _ in range(3):  # widen the y range until every label fits inside the axes
-            pix, pos = place_labels(ax, xs, ys, names)
-            box = ax.get_window_extent()
-            below, above = box.y0 + 8 - min(y for _, y in pos), max(y for _, y in pos) + 8 - box.y1
-            if below <= 0 and above <= 0:
-                break
-            lo, hi = ax.get_ylim()
-            per_px = (hi - lo) / box.height
-            ax.set_ylim(lo - max(below, 0) * per_px * 1.2, hi + max(above, 0) * per_px * 1.2)
-        to_pt = 72 / fig.dpi
-        for i, name in enumerate(names):
-            dx, dy = (pos[i][0] - pix[i][0]) * to_pt, (pos[i][1] - pix[i][1]) * to_pt
-            ax.annotate(name, (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points", fontsize=9, va="center",
-                        arrowprops=dict(arrowstyle="-", color="gray", lw=0.6, shrinkA=0, shrinkB=4) if abs(dy) > 4 else None)
+        label_points(ax, xs, ys, names)
     base = next((r for r in runs_ if r["method"] == "full" and r["curve"]["iter"][:1] == [0]), None)
     if base is not None:  # every run starts from this base; most methods start exactly at it
         b = base["curve"]["val_loss"][0]
@@ -704,8 +860,69 @@ def plot_cost(results, runs_, cols, path):
     plt.close(fig)
 
 
+def group_colors(results):
+    """{grid entry: color}: a sweep's runs share their entry's color in the lr and forgetting figures."""
+    groups = list(dict.fromkeys(r.get("group", r["name"]) for r in results["runs"]))
+    return dict(zip(groups, colors(len(groups))))
+
+
+def plot_lr(results, path):
+    """Final validation loss against learning rate, one line per grid entry, its best rate ringed."""
+    import matplotlib.pyplot as plt
+    gcol = group_colors(results)
+    fig, ax = plt.subplots(figsize=(9, 6), layout="constrained")
+    for g in results["best"]:
+        c = gcol[g["group"]]
+        ax.plot(g["learning_rates"], g["val_losses"], color=c, marker="o", ms=6, lw=1.6, label=g["group"])
+        ax.scatter([g["learning_rate"]], [g["final_val_loss"]], s=190, facecolors="none", edgecolors=c, linewidths=2, zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate (log scale; min_lr scales with it)")
+    ax.set_ylabel("final validation loss (nats / token)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(title="run (ring: best rate)", fontsize=9, loc="best")
+    fig.suptitle(f"Learning-rate sensitivity: the same data, budget and schedule at each rate\n{subtitle(results)}", fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_forgetting(results, path):
+    """Perplexity on the fine-tuning data (learned) against perplexity on the base's own data
+    (forgot), one point per run; a sweep's rates joined by a line; the base model is the star."""
+    import matplotlib.pyplot as plt
+    fg = results["forgetting"]
+    gcol = group_colors(results)
+    runs_ = [r for r in results["runs"] if r.get("learned_ppl") is not None]
+    fig, ax = plt.subplots(figsize=(11, 8.5), layout="constrained")
+    for group, c in gcol.items():
+        pts = sorted((r["learning_rate"], r["learned_ppl"], r["forgot_ppl"]) for r in runs_ if r.get("group", r["name"]) == group)
+        if pts:
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], color=c, lw=1, alpha=0.6, label=group)
+    ax.scatter([r["learned_ppl"] for r in runs_], [r["forgot_ppl"] for r in runs_], s=55, zorder=3, edgecolors="black",
+               linewidths=0.5, c=[gcol[r.get("group", r["name"])] for r in runs_])
+    bx, by = fg["base"]["learned_ppl"], fg["base"]["forgot_ppl"]
+    ax.scatter([bx], [by], marker="*", s=320, color="black", zorder=4)
+    ax.axvline(bx, color="gray", ls="--", lw=1)
+    ax.axhline(by, color="gray", ls="--", lw=1)
+    xs = [r["learned_ppl"] for r in runs_] + [bx]
+    ys = [r["forgot_ppl"] for r in runs_] + [by]
+    span = (max(xs) - min(xs)) or 1
+    ax.set_xlim(min(xs) - 0.05 * span, max(xs) + 0.3 * span)  # room for the labels right of the points
+    label_points(ax, xs, ys, [r["name"] for r in runs_] + ["base (before fine-tuning)"], fontsize=8)
+    ax.set_xlabel(f"perplexity on {fg['learned_data']} val (fine-tuning data): lower = learned more")
+    ax.set_ylabel(f"perplexity on {fg['forgot_data']} val (the base's own data): higher = forgot more")
+    ax.grid(alpha=0.3)
+    ax.text(0.01, 0.01, "dashed: the base model (star)", transform=ax.transAxes, color="gray", fontsize=9, va="bottom")
+    if len(gcol) < len(runs_):  # a sweep: the colors are its entries
+        ax.legend(title="run (its rates joined)", fontsize=9, loc="upper right")
+    fig.suptitle(f"Learning vs forgetting ({fg['tokens']['learned']:,} and {fg['tokens']['forgot']:,} tokens, windows of "
+                 f"{fg['block_size']})\n{subtitle(results)}", fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def draw(results):
-    """The three figures into out_dir (and assets_dir), from results as results.json holds them."""
+    """The figures into out_dir (and assets_dir), from results as results.json holds them: the three
+    of every grid, the lr figure for a sweep, the learned-vs-forgot figure with forget_data."""
     import matplotlib
     matplotlib.use("Agg")
     runs_ = results["runs"]
@@ -717,6 +934,12 @@ def draw(results):
     plot_curves(results, runs_, cols, paths[0])
     plot_params(results, runs_, cols, paths[1])
     plot_cost(results, runs_, cols, paths[2])
+    if is_sweep(results):
+        paths.append(os.path.join(out_dir, "compare_lr.png"))
+        plot_lr(results, paths[-1])
+    if results.get("forgetting") and any(r.get("learned_ppl") is not None for r in runs_):
+        paths.append(os.path.join(out_dir, "compare_forgetting.png"))
+        plot_forgetting(results, paths[-1])
     if assets_dir:
         os.makedirs(assets_dir, exist_ok=True)
         for p in paths + [os.path.join(out_dir, "results.md")]:
@@ -725,36 +948,41 @@ def draw(results):
     return paths
 
 
-def print_summary(results):
+def print_summary(results, figures):
     print()
     with open(os.path.join(out_dir, "results.md")) as f:
         print(f.read())
-    print(f"wrote {'' if plot_only else 'results.json, '}results.csv, results.md and {', '.join(FIGURES)} in {out_dir}/"
+    names = ", ".join(os.path.basename(p) for p in figures) or "no figures"
+    print(f"wrote {'' if plot_only else 'results.json, '}results.csv, results.md and {names} in {out_dir}/"
           + (f" (figures also in {assets_dir}/)" if assets_dir else ""))
     print(f"TensorBoard: tensorboard --logdir {out_dir}")
 
 
 # -----------------------------------------------------------------------------
 
+outputs.writable_folder(out_dir)  # not a file, not under a file, not read-only: in a dry run too
+if assets_dir:
+    outputs.writable_folder(assets_dir)
 if plot_only:
     path = os.path.join(out_dir, "results.json")
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist; run the grid first (without --plot_only) or check --out_dir")
     results = read_json(path)
     write_tables(results)
-    draw(results)
-    print_summary(results)
+    print_summary(results, draw(results))
     sys.exit(0)
 
 grid = check_runs()
 state = check_out_dir(grid)
 keys, rules, baseline_mb = train_defaults()
 plans = resolve(grid, keys, rules)
+data = eval_data(plans)
 if dry_run:
     for plan in plans:
         print(f"{plan['name']}: {shlex.join(['python', 'train.py'] + plan['args'])}")
     cfg = plans[0]["config"]
-    print(f"{len(plans)} runs of {cfg['max_iters']} iters x {cfg['gradient_accumulation_steps'] * cfg['batch_size'] * cfg['block_size']:,} tokens into {out_dir}/")
+    print(f"{len(plans)} runs of {cfg['max_iters']} iters x {cfg['gradient_accumulation_steps'] * cfg['batch_size'] * cfg['block_size']:,} tokens into {out_dir}/"
+          + (f"; then the base and each run scored on {data['learned']['source']} and {data['forgot']['source']}" if data else ""))
     sys.exit(0)
 
 os.makedirs(out_dir, exist_ok=True)
@@ -763,11 +991,12 @@ handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal
 stopped = train_grid(plans, state)
 for sig, handler in handlers.items():
     signal.signal(sig, handler)
-results = collect(plans, state, baseline_mb)
+if data and stopped != "interrupted":
+    evaluate(plans, state, data)
+results = collect(plans, state, baseline_mb, data)
 write_json(os.path.join(out_dir, "results.json"), results)
 write_tables(results)
-draw(results)
-print_summary(results)
+print_summary(results, draw(results))
 if stopped:
     done = len(plans) - len(results["missing"])
     print(f"{stopped}: {done} of {len(plans)} runs finished; run the same command again to continue")

@@ -287,6 +287,16 @@ def token_nll(model, rows, device="cpu", ctx=nullcontext()):
     return nll, hit, scored.sum(dim=1).tolist()
 
 
+def load_for_eval(source, device="cpu", base=None):
+    """(model, meta) as checkpoint.load_model gives them, adapters folded into the weights (the
+    evaluated model is the base's shape) and in eval mode; meta is None for a non-training source."""
+    model, meta = checkpoint.load_model(source, device=device, base=base)
+    if meta is not None:
+        peft.merge(model)
+    model.eval()
+    return model, meta
+
+
 def sliding_windows(n, block_size, stride):
     """The windows of the transformers perplexity guide over n tokens, as (begin, end, first):
     the window holds tokens[begin:end] (end - begin <= block_size) and scores tokens[first:end], the
@@ -617,10 +627,7 @@ def main(argv):
     rows, contexts = [], {}
     for source in c.models:
         t0 = time.time()
-        model, meta = checkpoint.load_model(source, device=c.device, base=c.base or None)
-        if meta is not None:
-            peft.merge(model)  # adapters folded into the weights: the evaluated model is the base's shape
-        model.eval()
+        model, meta = load_for_eval(source, c.device, c.base or None)
         context = model.config.block_size
         W = c.block_size or context
         if not 2 <= W <= context:

@@ -176,3 +176,181 @@ def test_bad_input_stops_with_one_line(finished, grid, tmp_path):
     fails(f"--out_dir={foreign}", message="not a compare.py output folder")
     fails(f"--out_dir={tmp_path / 'empty'}", "--plot_only=true", message="results.json does not exist")
     assert json.loads((out / "results.json").read_text())["missing"] == []  # the finished grid is untouched
+
+
+# -----------------------------------------------------------------------------
+# a learning-rate sweep, scored on a second dataset (learned vs forgot)
+
+SWEEP = {"lora1": (1e-3, 3e-2), "ia3": (3e-3, 1e-1)}
+SWEEP_RUNS = ["lora1-lr0.001", "lora1-lr0.03", "ia3-lr0.003", "ia3-lr0.1"]
+
+
+@pytest.fixture(scope="module")
+def sweep_config(grid, tmp_path_factory):
+    """A sweep grid (2 methods x 2 rates) with forget_data: a second token stream, the 'base domain'."""
+    import numpy as np
+    from shards import write_shard
+    tmp = tmp_path_factory.mktemp("sweep")
+    other = tmp / "other"
+    other.mkdir()
+    tokens = np.random.default_rng(1).integers(0, 64, size=600).astype(np.uint16)
+    write_shard(other / "train.bin", tokens)
+    write_shard(other / "val.bin", tokens)
+    (tmp / "sweep_tiny.py").write_text(
+        f"base_config = {str(grid / 'train_tiny.py')!r}\n"
+        f"forget_data = {str(other)!r}\n"
+        "eval_tokens = 200\n"
+        "common = dict(max_iters=8, eval_interval=4, eval_iters=2, log_interval=1, warmup_iters=2,\n"
+        "              lr_decay_iters=8, learning_rate=3e-3, min_lr=3e-4)\n"
+        f"runs = [('lora1', dict(method='lora', targets=('lora1',), r=4, alpha=8.0, learning_rate={SWEEP['lora1']!r})),\n"
+        f"        ('ia3', dict(method='ia3', learning_rate={SWEEP['ia3']!r}))]\n")
+    return tmp, other
+
+
+@pytest.fixture(scope="module")
+def sweep(sweep_config):
+    """The sweep trained and scored, with the figures also in an assets folder."""
+    tmp, other = sweep_config
+    out = tmp / "out"
+    p = subprocess.run([sys.executable, "compare.py", str(tmp / "sweep_tiny.py"), f"--out_dir={out}",
+                        f"--assets_dir={tmp / 'assets'}", "--assets_name=sw"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    return tmp, out, other, p
+
+
+def run_sweep(tmp, *args):
+    return subprocess.run([sys.executable, "compare.py", str(tmp / "sweep_tiny.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_sweep_runs_each_method_at_each_rate_on_the_same_schedule(sweep):
+    tmp, out, _, _ = sweep
+    res = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in res["runs"]] == SWEEP_RUNS and res["missing"] == []
+    for r in res["runs"]:
+        assert r["learning_rate"] == SWEEP[r["group"]][SWEEP_RUNS.index(r["name"]) % 2]
+        args = dict(a[2:].split("=", 1) for a in r["command"].split()[3:])
+        # the same data, budget and schedule for every run; min_lr keeps common's ratio (1/10)
+        assert (args["max_iters"], args["warmup_iters"], args["lr_decay_iters"], args["eval_interval"]) == ("8", "2", "8", "4")
+        assert math.isclose(float(args.get("min_lr", 3e-4)), r["learning_rate"] / 10), r["command"]
+        assert r["curve"]["iter"] == [0, 4, 8]
+    assert res["budget"]["tokens"] == 8 * 4 * 32
+
+
+def test_sweep_picks_each_methods_best_rate_by_val_loss(sweep):
+    tmp, out, _, _ = sweep
+    res = json.loads((out / "results.json").read_text())
+    for group, rates in SWEEP.items():
+        rows = [r for r in res["runs"] if r["group"] == group]
+        best = min(rows, key=lambda r: r["final_val_loss"])
+        g = next(g for g in res["best"] if g["group"] == group)
+        assert g["best_run"] == best["name"] and g["learning_rate"] == best["learning_rate"] and g["complete"]
+        assert g["learning_rates"] == list(rates) and g["val_losses"] == [r["final_val_loss"] for r in rows]
+    md = (out / "results.md").read_text()
+    assert "Each run at its best learning rate" in md
+    for g in res["best"]:
+        assert f"| {g['group']} | {g['method']} | {g['learning_rate']:g}" in md
+    check_png(out / "compare_lr.png")
+    check_png(tmp / "assets" / "sw_lr.png")
+    assert (tmp / "assets" / "sw_results.md").read_text() == md
+
+
+def test_forgetting_equals_a_direct_perplexity(sweep, base, data):
+    """learned / forgot ppl: a run merged into its base, disjoint windows of block_size over the first
+    eval_tokens tokens of each val.bin, mean token cross-entropy recomputed here from the logits."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    import checkpoint
+    import peft
+    from shards import read_shard
+    tmp, out, other, _ = sweep
+    res = json.loads((out / "results.json").read_text())
+    fg = res["forgetting"]
+    assert fg["block_size"] == 32 and fg["forgot_data"] == "other"
+
+    def ppl(source, folder):
+        model, meta = checkpoint.load_model(str(source))
+        if meta is not None:
+            peft.merge(model)
+        model.eval()
+        ids = torch.as_tensor(np.asarray(read_shard(os.path.join(folder, "val.bin")), dtype=np.int64)[:200])
+        nll, n = 0.0, 0
+        for b in range(0, len(ids) - 1, 32):  # windows ids[b:b+32]; the first token of each is context only
+            w = ids[b:b + 32]
+            with torch.no_grad():
+                logits, _ = model(w[None, :-1], targets=w[None, 1:])
+            nll += F.cross_entropy(logits[0].double(), w[1:], reduction="sum").item()
+            n += len(w) - 1
+        return math.exp(nll / n), n
+
+    learned_dir, base_dir = data, base
+    for name in ("lora1-lr0.03", "ia3-lr0.003"):
+        r = next(r for r in res["runs"] if r["name"] == name)
+        want_l, n_l = ppl(out / name, learned_dir)
+        want_f, n_f = ppl(out / name, other)
+        assert math.isclose(r["learned_ppl"], want_l, rel_tol=1e-4) and math.isclose(r["forgot_ppl"], want_f, rel_tol=1e-4)
+    assert fg["tokens"] == {"learned": n_l, "forgot": n_f}
+    want_l, _ = ppl(base_dir, learned_dir)
+    want_f, _ = ppl(base_dir, other)
+    assert math.isclose(fg["base"]["learned_ppl"], want_l, rel_tol=1e-4)
+    assert math.isclose(fg["base"]["forgot_ppl"], want_f, rel_tol=1e-4)
+    check_png(out / "compare_forgetting.png")
+    assert "ppl (learned)" in (out / "results.md").read_text()
+
+
+def test_sweep_resume_skips_finished_runs_and_their_scores(sweep):
+    tmp, out, _, first = sweep
+    assert first.stdout.count(", other ppl ") == 5  # the base and 4 runs scored once
+    before = {r: os.path.getmtime(out / r / "ckpt.safetensors") for r in SWEEP_RUNS}
+    p = run_sweep(tmp, f"--out_dir={out}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("finished earlier (8 iters), skipped") == 4 and "step 0:" not in p.stdout
+    assert ", other ppl " not in p.stdout  # nothing scored again
+    assert {r: os.path.getmtime(out / r / "ckpt.safetensors") for r in SWEEP_RUNS} == before
+    p = run_sweep(tmp, f"--out_dir={out}", "--dry_run=true")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [ln.split(":")[0] for ln in p.stdout.splitlines()[:4]] == SWEEP_RUNS and "4 runs of 8 iters" in p.stdout
+
+
+def test_bad_sweep_input_stops_with_one_line(sweep_config, tmp_path):
+    tmp, _ = sweep_config
+
+    def fails(*args, message, config=None):
+        if config is not None:
+            (tmp_path / "bad.py").write_text((tmp / "sweep_tiny.py").read_text() + config)
+        cmd = [sys.executable, "compare.py", str(tmp_path / "bad.py" if config is not None else tmp / "sweep_tiny.py"), *args]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, (args, p.stdout, p.stderr)
+        lines = [line for line in p.stderr.strip().splitlines() if line]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, p.stderr)
+
+    new = tmp_path / "new"
+    run = "--runs=[('x', {'method': 'lora', 'learning_rate': %s})]"
+    fails(f"--out_dir={new}", run % "()", message="learning_rate is an empty list")
+    fails(f"--out_dir={new}", run % "[1e-3, -1e-3]", message="learning_rate -0.001 must be a positive finite number")
+    fails(f"--out_dir={new}", run % "[1e-3, 0.001]", message="lists learning_rate 0.001 twice")
+    fails(f"--out_dir={new}", run % "[1e-3, 'fast']", message="learning_rate 'fast' must be a positive")
+    fails(f"--out_dir={new}", config="runs = [('x', dict(method='ia3', learning_rate=(1e-3, float('nan'))))]\n",
+          message="learning_rate nan must be a positive finite number")
+    fails(f"--out_dir={new}", "--runs=[('x', {'method': 'lora', 'learning_rate': (1e-3, 1e-2), 'min_lr': 1e-5})]",
+          message="drop min_lr")
+    fails(f"--out_dir={new}", "--runs=[('x-lr1e-05', {'method': 'lora'}), ('x', {'method': 'lora', 'learning_rate': [1e-5]})]",
+          message="two runs are named 'x-lr1e-05'")
+    fails(f"--out_dir={new}", f"--forget_data={tmp_path / 'nowhere'}", "--dry_run=true", message="nowhere")
+    fails(f"--out_dir={new}", "--eval_tokens=1", "--dry_run=true", message="eval_tokens=1 must be 0 (all) or at least 2")
+    assert not new.exists()
+    # an out_dir (or assets_dir) that cannot be written stops a dry run too, before any work
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    fails(f"--out_dir={a_file}", "--dry_run=true", message="is a file, not a folder")
+    fails(f"--out_dir={a_file / 'sub'}", "--dry_run=true", message="is a file, not a folder")
+    fails(f"--out_dir={new}", f"--assets_dir={a_file / 'sub'}", "--dry_run=true", message="--assets_dir")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into a 0o555 folder; sysfs refuses even root
+        read_only = "/sys"
+    fails(f"--out_dir={os.path.join(read_only, 'out')}", "--dry_run=true", message="cannot write to")
+    fails(f"--out_dir={os.path.join(read_only, 'out')}", message="cannot write to")
