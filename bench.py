@@ -40,7 +40,6 @@ memory is at least the peak so far), and a goal that a bound cannot decide says 
 On a busy machine, timings with 2+ threads suffer from thread contention; --threads=1 is steadier there.
 """
 
-import difflib
 import importlib.metadata
 import json
 import os
