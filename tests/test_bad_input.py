@@ -479,7 +479,7 @@ CASES = [
     Case("bench-batch-size-zero", ["bench.py", "--batch_size=0"], "--batch_size=0: must be an integer >= 1"),
     Case("bench-steps-nan", ["bench.py", "--learning_rate=nan"], "--learning_rate=nan: must be a finite number"),
     Case("compare-max-runs-negative", GRID + ["--max_runs=-1"], "--max_runs=-1: must be an integer >= 0"),
-    Case("compare-run-lr-nan", GRID + ["{tmp}/g.py"], "run 'x': --learning_rate=nan: must be a finite number",
+    Case("compare-run-lr-nan", GRID + ["{tmp}/g.py"], "run 'x': learning_rate nan must be a positive finite number",
          files={"g.py": "runs = [('x', dict(method='lora', learning_rate=float('nan')))]\n"}),
     Case("compare-common-batch-zero", GRID + ["--runs=[('x', {'method': 'lora'})]", "{tmp}/g.py"],
          "run 'x': --batch_size=0: must be an integer >= 1", files={"g.py": "common = dict(batch_size=0)\n"}),
