@@ -26,7 +26,7 @@ from peft.lora import LoRALinear, OLoRALinear, PiSSALinear
 from peft.oft import OFTLinear
 
 __all__ = ["METHODS", "PeftConfig", "inject", "merge", "adapter_state_dict", "load_adapter_state_dict",
-           "count_parameters", "adapter_layers", "PRESETS", "DEFAULT_TARGETS"]
+           "count_parameters", "adapter_layers", "lr_scales", "PRESETS", "DEFAULT_TARGETS"]
 
 METHODS = {
     "full": None,                    # fine-tune every weight; no adapter
@@ -172,6 +172,16 @@ def load_adapter_state_dict(model, sd):
                             f"{tuple(v.shape)}; it was saved with other settings (e.g. r or block sizes)")
     model.load_state_dict(sd, strict=False)
     return model
+
+
+def lr_scales(model):
+    """{parameter name: learning-rate multiplier} of the parameters that do not train at the base
+    learning rate (for model.configure_optimizers). LoRA+ (cfg.lora_plus_ratio > 0): each adapter
+    layer's lora_plus_params (the B matrices) train at lora_plus_ratio × the learning rate."""
+    cfg = getattr(model, "peft_config", None)
+    if cfg is None or not cfg.lora_plus_ratio:
+        return {}
+    return {f"{name}.{p}": cfg.lora_plus_ratio for name, layer in adapter_layers(model) for p in layer.lora_plus_params}
 
 
 def count_parameters(model):

@@ -22,6 +22,8 @@
 |                |                                                             | oft, ia3                        |
 | base_dtype     | None (= float32) or "bfloat16" / "float16": dtype of the    | every method but full           |
 |                | frozen block Linears; adapters stay float32                 |                                 |
+| lora_plus_ratio| LoRA+: B trains at this multiple of the learning rate of A  | lora, dora, olora, pissa        |
+|                | (Hayou et al. 2024 suggest 16); 0 = off                     | (and QLoRA / QDoRA)             |
 
 Both inits are HF peft's; B starts at 0 either way. olora and pissa ignore `init`: their A, B
 come from a QR / SVD of the weight. rsLoRA is method "lora" with use_rslora=True.
@@ -75,7 +77,7 @@ TRAIN_KEYS = {"method": "method", "r": "r", "alpha": "alpha", "adapter_dropout":
               "targets": "targets", "use_rslora": "use_rslora", "adapter_init": "init",
               "oft_block_size": "oft_block_size", "coft_eps": "coft_eps", "block_share": "block_share",
               "ether_nb": "ether_nb", "flip_side": "flip_side", "quantize": "quantize",
-              "base_dtype": "base_dtype"}
+              "base_dtype": "base_dtype", "lora_plus_ratio": "lora_plus_ratio"}
 INITS = ("kaiming", "gaussian")
 QUANTIZE = (None, "nf4")
 BASE_DTYPES = (None, "float32", "bfloat16", "float16")
@@ -97,6 +99,7 @@ class PeftConfig:
     flip_side: bool = False
     quantize: str | None = None
     base_dtype: str | None = None
+    lora_plus_ratio: float = 0.0
 
     def __post_init__(self):
         # accept "q,v" or ["q", "v"] (command lines, JSON) and store a tuple, so configs compare equal
@@ -142,6 +145,11 @@ class PeftConfig:
             raise UserError(f"quantize='{self.quantize}': the only quantization is 'nf4' (or None for none)")
         if self.base_dtype not in BASE_DTYPES:
             raise UserError(f"base_dtype='{self.base_dtype}': choose one of {', '.join(map(str, BASE_DTYPES[1:]))}")
+        if self.lora_plus_ratio < 0:
+            raise UserError(f"lora_plus_ratio={self.lora_plus_ratio}: must be > 0 (B's learning rate / A's), or 0 for off")
+        if self.lora_plus_ratio and not getattr(METHODS[self.method], "lora_plus_params", ()):
+            raise UserError(f"lora_plus_ratio={self.lora_plus_ratio}: LoRA+ speeds up the B matrices of "
+                            f"lora, dora, olora and pissa; method '{self.method}' has none, so drop lora_plus_ratio")
         if self.method == "full":
             for field in ("targets", "quantize", "base_dtype"):
                 if getattr(self, field) is not None:

@@ -11,6 +11,10 @@ A frozen linear layer y = x Wᵀ + b, W [out, in], learns a low-rank update ΔW 
   per token, against in·out for the base. The base weight has requires_grad False, so the
   backward computes no gradient for it, only for x, A and B.
 - merge: W ← W + s·B A, one plain nn.Linear that computes the same function.
+- LoRA+ (Hayou et al. 2024, arXiv 2402.12354; cfg.lora_plus_ratio > 0): B trains at
+  lora_plus_ratio × the learning rate of A (the paper suggests 16). Which tensors are "B" is this
+  class's lora_plus_params; model.configure_optimizers puts them in their own AdamW groups, and
+  train.py's schedule scales every group's learning rate by the group's lr_scale.
 
 Slices of the fused c_attn (targets "q", "k", "v"): c_attn's rows are [q | k | v], d rows each.
 Each enabled slice j gets its own A_j [r, in], B_j [d, r], and its update touches only its d rows.
@@ -56,7 +60,9 @@ class LoRALinear(nn.Module):
     """y = base(x) + s · (dropout(x) Aᵀ) Bᵀ  — see the module docstring. Owns the frozen base."""
 
     supports_quantize = True
-    config_fields = ("r", "alpha", "dropout", "use_rslora", "init", "targets", "base_dtype")  # the PeftConfig fields this method reads
+    config_fields = ("r", "alpha", "dropout", "use_rslora", "init", "targets", "base_dtype",
+                     "lora_plus_ratio")  # the PeftConfig fields this method reads
+    lora_plus_params = ("lora_B",)  # LoRA+: these train at lora_plus_ratio × the learning rate
     factors = None  # OLoRA / PiSSA: a function (W [out, in], r, s) -> (A₀ [r, in], B₀ [out, r])
 
     def __init__(self, base, cfg, slices=None):
@@ -179,7 +185,8 @@ class OLoRALinear(LoRALinear):
     See the module docstring (buffers lora_A0, lora_B0; rebase on load; no nf4)."""
 
     supports_quantize = False
-    config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype")  # as LoRA, but A, B come from a QR: no init
+    config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype",
+                     "lora_plus_ratio")  # as LoRA, but A, B come from a QR: no init
     factors = staticmethod(olora_factors)
 
 
@@ -188,5 +195,6 @@ class PiSSALinear(LoRALinear):
     See the module docstring (buffers lora_A0, lora_B0; rebase on load; no nf4)."""
 
     supports_quantize = False
-    config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype")  # as LoRA, but A, B come from an SVD: no init
+    config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype",
+                     "lora_plus_ratio")  # as LoRA, but A, B come from an SVD: no init
     factors = staticmethod(pissa_factors)
