@@ -36,6 +36,13 @@ Target names (a target matches every module whose name equals it or ends with ".
 Presets (growing sets of whole projections, e.g. for ablations):
     lora1 = c_attn;  lora2 = lora1 + attn.c_proj;  lora3 = lora2 + mlp.c_fc, mlp.c_proj;
     lora4 = lora3 + lm_head
+"all": every Linear the method adapts well, ALL_TARGETS below: lora4, or lora3 for the two methods
+that cannot take the tied 50,257-row output layer (config/quickstart.py uses it, so that every
+method runs from it). For method full, "all" is what it trains anyway, so it is accepted there.
+    etherplusHH   ether_nb must divide both sides of the head: 50257 = 29 x 1733 shares no divisor
+                  but 1 with the width, so only ether_nb=1 would do
+    olora         its QR start diverges on the head at the usual learning rates (peft/lora.py, "OLoRA
+                  on lm_head"); naming lm_head explicitly still adapts it
 
 Default targets (targets=None), from each method's paper:
     lora, dora, olora, pissa: q, v          LoRA (Hu et al. 2021) §7.1 adapts W_q and W_v
@@ -71,6 +78,7 @@ DEFAULT_TARGETS = {
     "etherplus": ("q", "v"),
     "etherplusHH": ("q", "v"),
 }
+ALL_TARGETS = {m: "lora4" for m in DEFAULT_TARGETS} | {"etherplusHH": "lora3", "olora": "lora3"}  # see "all" above
 # train.py's keys for the PeftConfig fields: the same names, except two that would clash with
 # train.py's own `dropout` (the model's) and `init_from`. '' on the command line means None.
 TRAIN_KEYS = {"method": "method", "r": "r", "alpha": "alpha", "adapter_dropout": "dropout",
@@ -152,9 +160,10 @@ class PeftConfig:
                             f"lora, dora, olora and pissa; method '{self.method}' has none, so drop lora_plus_ratio")
         if self.method == "full":
             for field in ("targets", "quantize", "base_dtype"):
-                if getattr(self, field) is not None:
+                value = getattr(self, field)
+                if value is not None and not (field == "targets" and value == ("all",)):  # "all": what full trains
                     raise UserError(f"method 'full' trains every weight, so {field} does not apply; "
-                                    f"drop {field} or choose an adapter method (e.g. lora)")
+                                    f"drop it (--{field}=) or choose an adapter method (e.g. --method=lora)")
             return
         if self.quantize is not None:
             if not METHODS[self.method].supports_quantize:
@@ -164,10 +173,12 @@ class PeftConfig:
                 raise UserError(f"quantize='{self.quantize}' needs bitsandbytes: pip install bitsandbytes")
 
     def resolved_targets(self):
-        """The target names this config adapts: the default if targets is None, presets expanded."""
+        """The target names this config adapts: the default if targets is None, presets and "all" expanded."""
         names = self.targets if self.targets is not None else DEFAULT_TARGETS.get(self.method, ())
         out = []
         for name in names:
+            if name == "all":
+                name = ALL_TARGETS.get(self.method, "lora4")  # full: every weight, the adapters' lora4 and more
             for t in PRESETS.get(name, (name,)):
                 if t not in out:
                     out.append(t)

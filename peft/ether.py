@@ -108,7 +108,7 @@ class ETHERLinear(nn.Module):
         for side in self.sides:
             if nb < 1 or dims[side] % nb != 0:
                 raise UserError(f"ether_nb {nb} does not divide the {side}put side ({dims[side]}) of a targeted "
-                                f"[{d_out}, {d_in}] layer; valid values: {divisors(common)}")
+                                f"[{d_out}, {d_in}] layer; valid values for --ether_nb: {divisors(common)}")
         self.nb = nb
         self.block = {side: dims[side] // nb for side in self.sides}  # b per side
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()

@@ -40,6 +40,14 @@ A₀ and B₀ are kept as buffers (lora_A0, lora_B0) and saved with the adapter,
 means nothing without the residual base it was trained on. A QR / SVD recomputed on another
 machine may differ (e.g. in the signs of columns), so loading saved A₀, B₀ rebases the weight:
 W ← W + s·(B₀_current A₀_current − B₀_saved A₀_saved), which gives back exactly the saved model.
+OLoRA on lm_head (tied to wte, [50257, C]) needs a far lower learning rate. The embedding is not
+the problem: set_base_weight gives lm_head a Parameter of its own, wte stays as it was. The QR
+is: A₀ = R[:r] carries the whole scale of the weight, B₀ = Q[:, :r] has unit columns of 50257
+entries, each about 1/√50257 = 0.0045. Adam moves every entry of B by about the learning rate per
+step, so at lr 3e-3 one step changes B by about its own size, and s·ΔB·A₀ is huge. Measured on
+models/gpt2-milton (C = 64), r = 16, lm_head only: ‖A₀‖ = 602; the loss goes 6.43 → 15.9 in one
+step at lr 3e-3, while lr 1e-4 trains (6.44 → 6.16 in 11 steps). PiSSA splits √S between A₀ and
+B₀ and trains at 3e-3 (6.39 → 5.96). So targets="all" leaves lm_head out for OLoRA (config.py).
 OLoRA and PiSSA reject quantize="nf4" (supports_quantize = False): the residual base would have to
 be re-quantized whenever it is rebased, and the saved model could not be rebuilt exactly.
 """
