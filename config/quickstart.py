@@ -9,7 +9,8 @@ init_from = "models/gpt2-milton"
 dataset = "shakespeare"
 method = "lora"
 targets = ("all",)  # every Linear the method adapts well: for LoRA lora4 = attention, its projection,
-#                    feed-forward and the output layer (see the README); lora3 for olora and etherplusHH
+#                    feed-forward and the output layer (see the README); less for olora, etherplusHH,
+#                    ether (peft/config.py: ALL_TARGETS)
 r = 16
 alpha = 32.0
 block_size = 128

@@ -36,13 +36,16 @@ Target names (a target matches every module whose name equals it or ends with ".
 Presets (growing sets of whole projections, e.g. for ablations):
     lora1 = c_attn;  lora2 = lora1 + attn.c_proj;  lora3 = lora2 + mlp.c_fc, mlp.c_proj;
     lora4 = lora3 + lm_head
-"all": every Linear the method adapts well, ALL_TARGETS below: lora4, or lora3 for the two methods
-that cannot take the tied 50,257-row output layer (config/quickstart.py uses it, so that every
-method runs from it). For method full, "all" is what it trains anyway, so it is accepted there.
-    etherplusHH   ether_nb must divide both sides of the head: 50257 = 29 x 1733 shares no divisor
-                  but 1 with the width, so only ether_nb=1 would do
-    olora         its QR start diverges on the head at the usual learning rates (peft/lora.py, "OLoRA
-                  on lm_head"); naming lm_head explicitly still adapts it
+"all": every Linear the method adapts well, ALL_TARGETS below: lora4, except for three methods
+(config/quickstart.py uses it, so that every method runs from it). For method full, "all" is what
+it trains anyway, so it is accepted there.
+    etherplusHH   lora3: ether_nb must divide both sides of the tied 50,257-row head, and 50257 =
+                  29 x 1733 shares no divisor but 1 with the width, so only ether_nb=1 would do
+    olora         lora3: its QR start diverges on the head at the usual learning rates
+                  (peft/lora.py, "OLoRA on lm_head"); naming lm_head explicitly still adapts it
+    ether         lora2: a reflection is not the identity at init, and reflecting the input of the
+                  MLP or of the head wrecks the model: on models/gpt2-milton (val loss 6.63) ETHER
+                  starts at 6.73 on q, v, 6.75 on lora2, 14.0 on lora3 and 11.4 on lm_head alone
 
 Default targets (targets=None), from each method's paper:
     lora, dora, olora, pissa: q, v          LoRA (Hu et al. 2021) §7.1 adapts W_q and W_v
@@ -78,7 +81,7 @@ DEFAULT_TARGETS = {
     "etherplus": ("q", "v"),
     "etherplusHH": ("q", "v"),
 }
-ALL_TARGETS = {m: "lora4" for m in DEFAULT_TARGETS} | {"etherplusHH": "lora3", "olora": "lora3"}  # see "all" above
+ALL_TARGETS = {m: "lora4" for m in DEFAULT_TARGETS} | {"etherplusHH": "lora3", "olora": "lora3", "ether": "lora2"}  # see "all" above
 # train.py's keys for the PeftConfig fields: the same names, except two that would clash with
 # train.py's own `dropout` (the model's) and `init_from`. '' on the command line means None.
 TRAIN_KEYS = {"method": "method", "r": "r", "alpha": "alpha", "adapter_dropout": "dropout",
