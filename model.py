@@ -364,19 +364,28 @@ class GPT(nn.Module):
                     f.write("\n")
             _write_atomic(os.path.join(folder, name), write_json)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lr_scales=None):
         """AdamW over the trainable parameters: matrices and embeddings (>= 2-D) get weight decay,
-        biases, LayerNorm gains and other vectors do not. Fused kernel on CUDA."""
+        biases, LayerNorm gains and other vectors do not. Fused kernel on CUDA.
+        lr_scales {parameter name: multiplier} (peft.lr_scales, e.g. LoRA+'s B matrices) puts those
+        parameters in groups of their own whose lr is multiplier × learning_rate; every group keeps
+        its multiplier as "lr_scale", so a schedule sets group["lr"] = lr × group["lr_scale"]."""
         param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
         if not param_dict:
             raise UserError("the model has no trainable parameters: check the fine-tuning method and its targets")
+        lr_scales = lr_scales or {}
         decay_params = [p for p in param_dict.values() if p.dim() >= 2]
         nodecay_params = [p for p in param_dict.values() if p.dim() < 2]
-        optim_groups = [
-            {"params": decay_params, "weight_decay": weight_decay},
-            {"params": nodecay_params, "weight_decay": 0.0},
-        ]
-        optim_groups = [g for g in optim_groups if g["params"]]
+        optim_groups = []
+        for scale in sorted({1.0, *lr_scales.values()}):
+            for decay in (True, False):
+                params = [p for pn, p in param_dict.items() if (p.dim() >= 2) == decay and lr_scales.get(pn, 1.0) == scale]
+                if params:
+                    optim_groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                                         "lr": learning_rate * scale, "lr_scale": scale})
+        if lr_scales:
+            print(f"learning rate x{', x'.join(f'{s:g}' for s in sorted(set(lr_scales.values())))} for "
+                  f"{len(lr_scales)} parameter tensors (e.g. {next(iter(lr_scales))})")
         num_decay_params = sum(p.numel() for p in decay_params)
         num_nodecay_params = sum(p.numel() for p in nodecay_params)
         print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay_params:,} parameters")

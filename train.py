@@ -85,6 +85,7 @@ ether_nb = 32
 flip_side = False
 quantize = ""  # '' or 'nf4' (QLoRA / QDoRA)
 base_dtype = ""  # '' = float32, or 'bfloat16' to store the frozen base in bf16
+lora_plus_ratio = 0.0  # LoRA+: the LoRA family's B matrices train at this multiple of learning_rate (e.g. 16); 0 = off
 # AdamW optimizer
 learning_rate = 3e-4
 max_iters = 1000
@@ -316,7 +317,7 @@ if master_process:
     print(f"method {method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
 model.to(device)
 
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, peft.lr_scales(model))
 if init_from == "resume":
     if "optim_param_groups" not in meta:
         raise UserError(f"{ckpt_path} holds no optimizer state, so it cannot be resumed; start a new run from it instead")
@@ -467,8 +468,8 @@ t_start = t0 = time.time()
 iter_start, running_mfu = iter_num, -1.0
 while True:
     lr = get_lr(iter_num)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for group in optimizer.param_groups:  # each group at its own multiple of lr (LoRA+: B's groups)
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # (checkpoints from before LoRA+ have no lr_scale)
 
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         t_eval = time.time()

@@ -3,11 +3,14 @@
 #   python data/shakespeare/prepare.py
 #   python train.py config/quickstart.py
 #   python sample.py --out_dir=out-quickstart --start="ROMEO:"
+# Any method runs from it: python train.py config/quickstart.py --method=dora (see the README's table).
 out_dir = "out-quickstart"
 init_from = "models/gpt2-milton"
 dataset = "shakespeare"
 method = "lora"
-targets = ("lora4",)  # attention, its projection, feed-forward and the output layer (see the README)
+targets = ("all",)  # every Linear the method adapts well: for LoRA lora4 = attention, its projection,
+#                    feed-forward and the output layer (see the README); less for olora, etherplusHH,
+#                    ether (peft/config.py: ALL_TARGETS)
 r = 16
 alpha = 32.0
 block_size = 128

@@ -26,7 +26,7 @@ from peft.lora import LoRALinear, OLoRALinear, PiSSALinear
 from peft.oft import OFTLinear
 
 __all__ = ["METHODS", "PeftConfig", "inject", "merge", "adapter_state_dict", "load_adapter_state_dict",
-           "count_parameters", "adapter_layers", "PRESETS", "DEFAULT_TARGETS"]
+           "count_parameters", "adapter_layers", "lr_scales", "PRESETS", "DEFAULT_TARGETS"]
 
 METHODS = {
     "full": None,                    # fine-tune every weight; no adapter
@@ -63,7 +63,7 @@ def resolve_targets(model, targets):
         hits = [n for n in names if n == lookup or n.endswith("." + lookup)]
         if not hits:
             raise UserError(f"target '{t}' matches no module of the model; valid targets: "
-                            f"{', '.join(valid + list(QKV) + list(PRESETS))}")
+                            f"{', '.join(valid + list(QKV) + list(PRESETS) + ['all'])}")
         for n in hits:
             if n not in linears:
                 raise UserError(f"target '{t}' matches {n}, a {type(model.get_submodule(n)).__name__}; "
@@ -78,6 +78,17 @@ def resolve_targets(model, targets):
                                     f"use one or the other")
                 plan[n] = None
     return plan
+
+
+def leave_out_hint(cfg, name):
+    """'; or leave lm_head out: --targets=lora3': the targets without those that match module `name`."""
+    targets = cfg.resolved_targets()
+    hits = [t for t in targets if name == t or name.endswith("." + ("c_attn" if t in QKV else t))]
+    rest = tuple(t for t in targets if t not in hits)
+    if not rest:
+        return ""
+    preset = next((p for p, ts in PRESETS.items() if ts == rest), None)
+    return f"; or leave {'/'.join(hits)} out: --targets={preset or ','.join(rest)}"
 
 
 def inject(model, cfg):
@@ -110,7 +121,7 @@ def inject(model, cfg):
         try:
             layer = layer_class(model.get_submodule(name), cfg, slices)
         except UserError as e:
-            raise UserError(f"{name}: {e}") from None
+            raise UserError(f"{name}: {e}{leave_out_hint(cfg, name)}") from None
         model.set_submodule(name, layer)
     model.peft_config = cfg  # adapter_state_dict and peft/hf.py read it
     return model
@@ -172,6 +183,16 @@ def load_adapter_state_dict(model, sd):
                             f"{tuple(v.shape)}; it was saved with other settings (e.g. r or block sizes)")
     model.load_state_dict(sd, strict=False)
     return model
+
+
+def lr_scales(model):
+    """{parameter name: learning-rate multiplier} of the parameters that do not train at the base
+    learning rate (for model.configure_optimizers). LoRA+ (cfg.lora_plus_ratio > 0): each adapter
+    layer's lora_plus_params (the B matrices) train at lora_plus_ratio × the learning rate."""
+    cfg = getattr(model, "peft_config", None)
+    if cfg is None or not cfg.lora_plus_ratio:
+        return {}
+    return {f"{name}.{p}": cfg.lora_plus_ratio for name, layer in adapter_layers(model) for p in layer.lora_plus_params}
 
 
 def count_parameters(model):

@@ -22,6 +22,8 @@
 |                |                                                             | oft, ia3                        |
 | base_dtype     | None (= float32) or "bfloat16" / "float16": dtype of the    | every method but full           |
 |                | frozen block Linears; adapters stay float32                 |                                 |
+| lora_plus_ratio| LoRA+: B trains at this multiple of the learning rate of A  | lora, dora, olora, pissa        |
+|                | (Hayou et al. 2024 suggest 16); 0 = off                     | (and QLoRA / QDoRA)             |
 
 Both inits are HF peft's; B starts at 0 either way. olora and pissa ignore `init`: their A, B
 come from a QR / SVD of the weight. rsLoRA is method "lora" with use_rslora=True.
@@ -34,6 +36,16 @@ Target names (a target matches every module whose name equals it or ends with ".
 Presets (growing sets of whole projections, e.g. for ablations):
     lora1 = c_attn;  lora2 = lora1 + attn.c_proj;  lora3 = lora2 + mlp.c_fc, mlp.c_proj;
     lora4 = lora3 + lm_head
+"all": every Linear the method adapts well, ALL_TARGETS below: lora4, except for three methods
+(config/quickstart.py uses it, so that every method runs from it). For method full, "all" is what
+it trains anyway, so it is accepted there.
+    etherplusHH   lora3: ether_nb must divide both sides of the tied 50,257-row head, and 50257 =
+                  29 x 1733 shares no divisor but 1 with the width, so only ether_nb=1 would do
+    olora         lora3: its QR start diverges on the head at the usual learning rates
+                  (peft/lora.py, "OLoRA on lm_head"); naming lm_head explicitly still adapts it
+    ether         lora2: a reflection is not the identity at init, and reflecting the input of the
+                  MLP or of the head wrecks the model: on models/gpt2-milton (val loss 6.63) ETHER
+                  starts at 6.73 on q, v, 6.75 on lora2, 14.0 on lora3 and 11.4 on lm_head alone
 
 Default targets (targets=None), from each method's paper:
     lora, dora, olora, pissa: q, v          LoRA (Hu et al. 2021) §7.1 adapts W_q and W_v
@@ -70,13 +82,14 @@ DEFAULT_TARGETS = {
     "etherplus": ("q", "v"),
     "etherplusHH": ("q", "v"),
 }
+ALL_TARGETS = {m: "lora4" for m in DEFAULT_TARGETS} | {"etherplusHH": "lora3", "olora": "lora3", "ether": "lora2"}  # see "all" above
 # train.py's keys for the PeftConfig fields: the same names, except two that would clash with
 # train.py's own `dropout` (the model's) and `init_from`. '' on the command line means None.
 TRAIN_KEYS = {"method": "method", "r": "r", "alpha": "alpha", "adapter_dropout": "dropout",
               "targets": "targets", "use_rslora": "use_rslora", "adapter_init": "init",
               "oft_block_size": "oft_block_size", "coft_eps": "coft_eps", "block_share": "block_share",
               "ether_nb": "ether_nb", "flip_side": "flip_side", "quantize": "quantize",
-              "base_dtype": "base_dtype"}
+              "base_dtype": "base_dtype", "lora_plus_ratio": "lora_plus_ratio"}
 INITS = ("kaiming", "gaussian")
 QUANTIZE = (None, "nf4")
 BASE_DTYPES = (None, "float32", "bfloat16", "float16")
@@ -112,6 +125,7 @@ DOMAINS = {
     "flip_side": configurator.ANY,
     "quantize": QUANTIZE,
     "base_dtype": BASE_DTYPES,
+    "lora_plus_ratio": ">= 0",  # 0 = off
 }
 
 
@@ -140,6 +154,7 @@ class PeftConfig:
     flip_side: bool = False
     quantize: str | None = None
     base_dtype: str | None = None
+    lora_plus_ratio: float = 0.0
 
     def __post_init__(self):
         # accept "q,v" or ["q", "v"] (command lines, JSON) and store a tuple, so configs compare equal
@@ -165,11 +180,15 @@ class PeftConfig:
             configurator.check(field, getattr(self, field), rule)
         if self.targets is not None and not all(isinstance(t, str) and t for t in self.targets):
             raise UserError(f"targets={self.targets!r}: expected names such as q, v, c_attn, mlp.c_fc or lora1..lora4")
+        if self.lora_plus_ratio and not getattr(METHODS[self.method], "lora_plus_params", ()):
+            raise UserError(f"lora_plus_ratio={self.lora_plus_ratio}: LoRA+ speeds up the B matrices of "
+                            f"lora, dora, olora and pissa; method '{self.method}' has none, so drop lora_plus_ratio")
         if self.method == "full":
             for field in ("targets", "quantize", "base_dtype"):
-                if getattr(self, field) is not None:
+                value = getattr(self, field)
+                if value is not None and not (field == "targets" and value == ("all",)):  # "all": what full trains
                     raise UserError(f"method 'full' trains every weight, so {field} does not apply; "
-                                    f"drop {field} or choose an adapter method (e.g. lora)")
+                                    f"drop it (--{field}=) or choose an adapter method (e.g. --method=lora)")
             return
         if self.quantize is not None:
             if not METHODS[self.method].supports_quantize:
@@ -179,10 +198,12 @@ class PeftConfig:
                 raise UserError(f"quantize='{self.quantize}' needs bitsandbytes: pip install bitsandbytes")
 
     def resolved_targets(self):
-        """The target names this config adapts: the default if targets is None, presets expanded."""
+        """The target names this config adapts: the default if targets is None, presets and "all" expanded."""
         names = self.targets if self.targets is not None else DEFAULT_TARGETS.get(self.method, ())
         out = []
         for name in names:
+            if name == "all":
+                name = ALL_TARGETS.get(self.method, "lora4")  # full: every weight, the adapters' lora4 and more
             for t in PRESETS.get(name, (name,)):
                 if t not in out:
                     out.append(t)

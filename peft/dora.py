@@ -28,6 +28,8 @@ Slices (targets q / k / v of the fused c_attn) work: m covers only the adapted r
 (lora_magnitude [n, d]), rows of other slices keep f = 1.
 A 4-bit (nf4, QDoRA) or low-precision base works: W is dequantized to float32 for the norm.
 merge: W ← f ⊙ (W + s·B A) row-wise, bias unchanged.
+LoRA+ (lora_plus_ratio): B and m train at ratio × the learning rate, as in HF peft's
+create_loraplus_optimizer, which puts every vector parameter (DoRA's m) in B's group.
 """
 
 import torch
@@ -42,6 +44,7 @@ class DoRALinear(LoRALinear):
     """y = (m / ‖W + sBA‖_row) ⊙ (x Wᵀ + s·(x Aᵀ)Bᵀ) + b — see the module docstring."""
 
     supports_quantize = True
+    lora_plus_params = ("lora_B", "lora_magnitude")  # LoRA+: m goes with B, as in HF peft
 
     def __init__(self, base, cfg, slices=None):
         super().__init__(base, cfg, slices)

@@ -11,6 +11,10 @@ A frozen linear layer y = x Wᵀ + b, W [out, in], learns a low-rank update ΔW 
   per token, against in·out for the base. The base weight has requires_grad False, so the
   backward computes no gradient for it, only for x, A and B.
 - merge: W ← W + s·B A, one plain nn.Linear that computes the same function.
+- LoRA+ (Hayou et al. 2024, arXiv 2402.12354; cfg.lora_plus_ratio > 0): B trains at
+  lora_plus_ratio × the learning rate of A (the paper suggests 16). Which tensors are "B" is this
+  class's lora_plus_params; model.configure_optimizers puts them in their own AdamW groups, and
+  train.py's schedule scales every group's learning rate by the group's lr_scale.
 
 Slices of the fused c_attn (targets "q", "k", "v"): c_attn's rows are [q | k | v], d rows each.
 Each enabled slice j gets its own A_j [r, in], B_j [d, r], and its update touches only its d rows.
@@ -36,6 +40,14 @@ A₀ and B₀ are kept as buffers (lora_A0, lora_B0) and saved with the adapter,
 means nothing without the residual base it was trained on. A QR / SVD recomputed on another
 machine may differ (e.g. in the signs of columns), so loading saved A₀, B₀ rebases the weight:
 W ← W + s·(B₀_current A₀_current − B₀_saved A₀_saved), which gives back exactly the saved model.
+OLoRA on lm_head (tied to wte, [50257, C]) needs a far lower learning rate. The embedding is not
+the problem: set_base_weight gives lm_head a Parameter of its own, wte stays as it was. The QR
+is: A₀ = R[:r] carries the whole scale of the weight, B₀ = Q[:, :r] has unit columns of 50257
+entries, each about 1/√50257 = 0.0045. Adam moves every entry of B by about the learning rate per
+step, so at lr 3e-3 one step changes B by about its own size, and s·ΔB·A₀ is huge. Measured on
+models/gpt2-milton (C = 64), r = 16, lm_head only: ‖A₀‖ = 602; the loss goes 6.43 → 15.9 in one
+step at lr 3e-3, while lr 1e-4 trains (6.44 → 6.16 in 11 steps). PiSSA splits √S between A₀ and
+B₀ and trains at 3e-3 (6.39 → 5.96). So targets="all" leaves lm_head out for OLoRA (config.py).
 OLoRA and PiSSA reject quantize="nf4" (supports_quantize = False): the residual base would have to
 be re-quantized whenever it is rebased, and the saved model could not be rebuilt exactly.
 """
@@ -56,7 +68,9 @@ class LoRALinear(nn.Module):
     """y = base(x) + s · (dropout(x) Aᵀ) Bᵀ  — see the module docstring. Owns the frozen base."""
 
     supports_quantize = True
-    config_fields = ("r", "alpha", "dropout", "use_rslora", "init", "targets", "base_dtype")  # the PeftConfig fields this method reads
+    config_fields = ("r", "alpha", "dropout", "use_rslora", "init", "targets", "base_dtype",
+                     "lora_plus_ratio")  # the PeftConfig fields this method reads
+    lora_plus_params = ("lora_B",)  # LoRA+: these train at lora_plus_ratio × the learning rate
     factors = None  # OLoRA / PiSSA: a function (W [out, in], r, s) -> (A₀ [r, in], B₀ [out, r])
 
     def __init__(self, base, cfg, slices=None):
@@ -179,7 +193,8 @@ class OLoRALinear(LoRALinear):
     See the module docstring (buffers lora_A0, lora_B0; rebase on load; no nf4)."""
 
     supports_quantize = False
-    config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype")  # as LoRA, but A, B come from a QR: no init
+    config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype",
+                     "lora_plus_ratio")  # as LoRA, but A, B come from a QR: no init
     factors = staticmethod(olora_factors)
 
 
@@ -188,5 +203,6 @@ class PiSSALinear(LoRALinear):
     See the module docstring (buffers lora_A0, lora_B0; rebase on load; no nf4)."""
 
     supports_quantize = False
-    config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype")  # as LoRA, but A, B come from an SVD: no init
+    config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype",
+                     "lora_plus_ratio")  # as LoRA, but A, B come from an SVD: no init
     factors = staticmethod(pissa_factors)

@@ -3,6 +3,8 @@
 Trick used throughout: on a base with W = I and b = 0, merge() returns H itself (W' = I·H = H on
 the input side, H·I = H on the output side), so H's properties can be checked as a dense matrix."""
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -55,6 +57,33 @@ def test_ether_blocks_are_reflections(nb):
         assert torch.linalg.matrix_norm(Hi - I).item() == pytest.approx(2.0, abs=1e-5)
     off = H - torch.block_diag(*[H[i * b:(i + 1) * b, i * b:(i + 1) * b] for i in range(nb)])
     assert torch.all(off == 0)  # block-diagonal
+
+
+def reference_bound(shape):
+    """The bound of the reference's init, nn.init.kaiming_uniform_(u, a=√5) on a tensor of `shape`:
+    gain·√(3 / fan_in), torch's fan_in (size(1) times the size of any further dimensions)."""
+    fan_in = nn.init._calculate_correct_fan(torch.empty(shape), "fan_in")
+    return nn.init.calculate_gain("leaky_relu", math.sqrt(5)) * math.sqrt(3 / fan_in)
+
+
+@pytest.mark.parametrize("method", list(CLASSES))
+@pytest.mark.parametrize("slices", [None, ("q", "v")])
+def test_init_matches_the_reference(method, slices):
+    # GPT-2 124M sizes, ether_nb=32: d = 768, b = 24. The reference draws u for a whole layer as
+    # [nb, b] (bound 1/√b = 0.204) and for each q/k/v slice as [1, nb, b] (bound 1/√d = 0.036)
+    d, nb = 768, 32
+    base = nn.Linear(d, 3 * d) if slices else nn.Linear(d, d)
+    layer = make_layer(method, d_in=d, d_out=base.out_features, nb=nb, slices=slices, base=base, perturb=False)
+    bound = reference_bound((1, nb, d // nb) if slices else (nb, d // nb))
+    assert bound == pytest.approx(1 / math.sqrt(d) if slices else 1 / math.sqrt(d // nb))
+    for side in layer.sides:
+        u = getattr(layer, f"ether_u_{side}").detach()
+        assert u.numel() >= d
+        assert u.abs().max().item() <= bound
+        assert u.abs().max().item() > 0.98 * bound  # uniform up to the bound: the max comes close
+        assert u.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.06)  # U(-a, a) has std a/√3
+        if method != "ether":
+            assert torch.equal(getattr(layer, f"ether_v_{side}"), -u)  # ETHER+ starts at H = I
 
 
 def test_ether_matches_the_formula_on_the_input_side():

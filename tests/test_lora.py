@@ -251,3 +251,102 @@ def test_base_dtype_bfloat16_layer():
     assert attn.base.weight.dtype == torch.bfloat16 and attn.lora_A.dtype == torch.float32
     x = torch.randn(2, 32)
     assert attn(x).dtype == torch.float32
+
+
+# --- LoRA+ ------------------------------------------------------------------------------------
+
+HF_LORAPLUS = r"""
+from peft.optimizers import create_loraplus_optimizer
+for run in job["runs"]:
+    base = transformers.GPT2LMHeadModel.from_pretrained(job["base"], dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, run["adapter"], is_trainable=True)
+    opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=job["lr"], loraplus_lr_ratio=job["ratio"],
+                                    loraplus_weight_decay=run["weight_decay"], betas=(0.9, 0.95))
+    model(idx, labels=idx).loss.backward()
+    opt.step()
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]]] for g in opt.param_groups]
+    json.dump(groups, open(run["groups"], "w"))
+    torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, run["after"])
+"""
+LORA_PLUS_CASES = {"lora": 0.1, "dora": 0.0}  # method: weight decay (HF peft decays DoRA's magnitude
+LR, RATIO = 1e-3, 16.0                      # vector, we never decay vectors: DoRA runs without decay)
+
+
+def hf_name_to_ours(hf_name):
+    """base_model.model.<module>.lora_A.default.weight -> <module>.lora_A (lora_magnitude_vector -> lora_magnitude)"""
+    module, kind = hf_name.removeprefix("base_model.model.").split(".default.")[0].rsplit(".", 1)
+    return f"{module}.{'lora_magnitude' if kind == 'lora_magnitude_vector' else kind}"
+
+
+@pytest.fixture(scope="module")
+def lora_plus_runs(tmp_path_factory):
+    """{method: (our model before, after one AdamW step, our groups, HF's groups, HF's parameters after)}
+    for LoRA+ on the same adapter; HF peft's create_loraplus_optimizer runs in one subprocess."""
+    import json
+    import subprocess
+
+    from hf_peft_helpers import HF_PREAMBLE, REPO, randomize_adapters, save_adapter, write_tiny_gpt2
+    from model import GPT
+    from peft.hf import to_hf_peft
+
+    tmp = tmp_path_factory.mktemp("lora_plus")
+    base = write_tiny_gpt2(str(tmp / "base"))
+    idx = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.save(idx, tmp / "idx.pt")
+    job = {"base": base, "idx": str(tmp / "idx.pt"), "lr": LR, "ratio": RATIO, "runs": []}
+    ours = {}
+    for method, weight_decay in LORA_PLUS_CASES.items():
+        model = GPT.from_pretrained(base)
+        peft.inject(model, peft.PeftConfig(method=method, r=4, alpha=8.0, targets=("c_attn", "mlp.c_fc"),
+                                           lora_plus_ratio=RATIO))
+        randomize_adapters(model, seed=1)  # B != 0, so A gets a gradient too
+        save_adapter(str(tmp / method), *to_hf_peft(model, base_model_name_or_path=base))
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt = model.configure_optimizers(weight_decay, LR, (0.9, 0.95), "cpu", peft.lr_scales(model))
+        model(idx[:, :-1], targets=idx[:, 1:])[1].backward()  # = HF's loss with labels=idx (shifted inside)
+        opt.step()
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = {}
+        for g in opt.param_groups:
+            groups.setdefault((g["lr"], g["weight_decay"]), set()).update(names[id(p)] for p in g["params"])
+        ours[method] = (model, before, groups)
+        job["runs"].append({"adapter": str(tmp / method), "weight_decay": weight_decay,
+                            "groups": str(tmp / f"{method}_groups.json"), "after": str(tmp / f"{method}_after.pt")})
+    json.dump(job, open(tmp / "job.json", "w"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-I", "-c", HF_PREAMBLE + HF_LORAPLUS, REPO, str(tmp / "job.json")],
+                       cwd=tmp, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = {}
+    for method, run in zip(LORA_PLUS_CASES, job["runs"]):
+        theirs = {}
+        for g_lr, g_wd, params in json.load(open(run["groups"])):
+            if params:
+                theirs.setdefault((g_lr, g_wd), set()).update(hf_name_to_ours(n) for n in params)
+        after = {hf_name_to_ours(n): t for n, t in torch.load(run["after"]).items()}
+        out[method] = (*ours[method], theirs, after)
+    return out
+
+
+@pytest.mark.parametrize("method", list(LORA_PLUS_CASES))
+def test_lora_plus_matches_hf_peft(lora_plus_runs, method):
+    """LoRA+ (lora_plus_ratio) against HF peft's create_loraplus_optimizer on the same adapter: the
+    same parameter groups (learning rate, weight decay) and the same update after one AdamW step."""
+    model, before, ours, theirs, after = lora_plus_runs[method]
+    assert ours == theirs
+    assert ours[(LR * RATIO, LORA_PLUS_CASES[method])] >= set(peft.lr_scales(model))
+    assert set(after) == set(before)
+    for n, p in model.named_parameters():
+        if p.requires_grad:  # Adam's first step is about lr·sign(g): compare the updates to lr / 10
+            torch.testing.assert_close(p.detach() - before[n], after[n] - before[n], atol=LR / 10, rtol=0)
+    step_B = (model.transformer.h[0].attn.c_attn.lora_B - before["transformer.h.0.attn.c_attn.lora_B"]).abs().max()
+    assert step_B.item() == pytest.approx(LR * RATIO, rel=0.05)  # B moves ratio times faster than A
+
+
+@pytest.mark.parametrize("method", ["ia3", "oft", "ether", "full"])
+def test_lora_plus_without_B_matrices_is_one_clear_error(method):
+    with pytest.raises(UserError, match=f"method '{method}' has none, so drop lora_plus_ratio"):
+        peft.PeftConfig(method=method, lora_plus_ratio=16.0)
+    with pytest.raises(UserError, match="must be > 0"):
+        peft.PeftConfig(method="lora", lora_plus_ratio=-1.0)

@@ -269,6 +269,45 @@ def test_bad_inject(kwargs, match):
         peft.inject(tiny_gpt(), peft.PeftConfig(**kwargs))
 
 
+@pytest.mark.parametrize("method", list(peft.METHODS))
+def test_targets_all_works_for_every_method_on_a_50257_token_head(method):
+    """targets=all (config/quickstart.py) on a GPT with GPT-2's vocabulary: every method injects and
+    trains; lm_head is adapted except where peft.config.ALL_TARGETS says otherwise (olora, etherplusHH: lora3;
+    ether: lora2)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=50257, n_layer=1, n_head=2, n_embd=32))
+    peft.inject(model, peft.PeftConfig(method=method, r=4, targets="all"))
+    adapted = {name for name, _ in peft.adapter_layers(model)}
+    if method == "full":
+        assert not adapted
+    else:
+        assert ("lm_head" in adapted) == (method not in ("olora", "etherplusHH", "ether"))
+        assert ("transformer.h.0.mlp.c_fc" in adapted) == (method != "ether")
+        assert {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"} <= adapted
+    idx = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(0))
+    loss = model(idx, idx)[1]
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="etherplusHH", targets="lora4"),
+     r"lm_head: ether_nb 32 does not divide the output side \(50257\).*--ether_nb: \[1\]; or leave lm_head out: --targets=lora3$"),
+    (dict(method="oft", oft_block_size=64, targets="mlp.c_proj,lm_head"),
+     r"lm_head: oft_block_size 64 does not divide .*; or leave lm_head out: --targets=mlp.c_proj$"),
+])
+def test_a_target_the_method_cannot_adapt_names_the_targets_without_it(kwargs, match):
+    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=50257, n_layer=1, n_head=2, n_embd=32))
+    with pytest.raises(UserError, match=match):
+        peft.inject(model, peft.PeftConfig(**kwargs))
+
+
+def test_full_accepts_targets_all_only():
+    assert peft.PeftConfig(method="full", targets="all").targets == ("all",)
+    with pytest.raises(UserError, match=r"targets does not apply; drop it \(--targets=\)"):
+        peft.PeftConfig(method="full", targets="lora4")
+
+
 def test_inject_twice_is_an_error():
     model = peft.inject(tiny_gpt(), config("lora"))
     with pytest.raises(UserError, match="already has adapters"):

@@ -46,10 +46,12 @@ def test_lora_run_saves_an_adapter_only_checkpoint_and_learns(base, data, tmp_pa
     assert os.path.getsize(out / "ckpt.safetensors") < 200_000  # adapters + their AdamW state
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "lora+"])
 def test_resume_continues_exactly(base, data, tmp_path, method):
-    """Stopped at iter 4 and resumed == never stopped, dropout on (its RNG is replayed too)."""
-    extra = (f"--method={method}", "--dropout=0.1", "--adapter_dropout=0.1")
+    """Stopped at iter 4 and resumed == never stopped, dropout on (its RNG is replayed too).
+    lora+: B's learning-rate multiple survives the resume (the param groups are saved)."""
+    extra = ("--method=lora", "--lora_plus_ratio=16") if method == "lora+" else (f"--method={method}",)
+    extra += ("--dropout=0.1", "--adapter_dropout=0.1")
     straight, split = tmp_path / "straight", tmp_path / "split"
     p = train(*common(base, data, straight, *extra, "--max_iters=8"))
     assert p.returncode == 0, p.stderr
@@ -62,9 +64,28 @@ def test_resume_continues_exactly(base, data, tmp_path, method):
     assert all(a[i] == b[i] for i in range(1, 9)), (a, b)
 
 
+def test_lora_plus_runs_B_at_its_multiple_of_the_scheduled_lr(base, data, tmp_path):
+    """--lora_plus_ratio: lora_B's AdamW groups run at ratio x the scheduled lr at every iteration
+    (checked in the saved param groups at iter 5, mid-decay), and the run differs from plain LoRA."""
+    import checkpoint
+    runs = {}
+    for ratio in (0, 16):
+        out = tmp_path / f"ratio{ratio}"
+        p = train(*common(base, data, out, "--method=lora", "--targets=lora3", f"--lora_plus_ratio={ratio}",
+                          "--max_iters=5", "--eval_interval=5"))
+        assert p.returncode == 0, p.stderr
+        runs[ratio] = step_losses(out)
+    tensors, meta = checkpoint.load(str(tmp_path / "ratio16"))
+    groups = meta["optim_param_groups"]
+    assert sorted(g["lr_scale"] for g in groups) == [1.0, 16.0]
+    lrs = {g["lr_scale"]: g["lr"] for g in groups}
+    assert 3e-4 < lrs[1.0] < 3e-3 and lrs[16.0] == pytest.approx(16 * lrs[1.0])  # decayed, still 16x
+    assert runs[0][1] == runs[16][1] and runs[0][5] != runs[16][5]
+
+
 def test_ddp_two_processes_equal_one_process(base, data, tmp_path):
     """torchrun with 2 CPU processes (gloo) and the same global batch gives the single-process losses."""
-    args = ("--method=lora", "--gradient_accumulation_steps=2", "--max_iters=4")
+    args = ("--method=lora", "--lora_plus_ratio=4", "--gradient_accumulation_steps=2", "--max_iters=4")
     one, two = tmp_path / "one", tmp_path / "two"
     p = train(*common(base, data, one, *args))
     assert p.returncode == 0, p.stderr
