@@ -48,6 +48,7 @@ import tokenizer
 from errors import UserError
 from model import GPT, HUB_MODELS, _write_atomic
 from peft import quant
+from peft.config import fields_used
 from peft.hf import HEAD, LORA_METHODS, to_hf_peft
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -61,19 +62,6 @@ REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "olora": "OLoRA", "pissa": "PiSSA", "oft": "OFT",
                 "ether": "ETHER", "etherplus": "ETHER+", "etherplusHH": "ETHER+ (two-sided, HH)",
                 "ia3": "IA3", "full": "full fine-tuning"}
-# PeftConfig fields each method uses (see the table in peft/config.py)
-METHOD_FIELDS = {
-    "lora": ("r", "alpha", "use_rslora", "dropout", "init", "targets", "quantize", "base_dtype"),
-    "dora": ("r", "alpha", "use_rslora", "dropout", "init", "targets", "quantize", "base_dtype"),
-    "olora": ("r", "alpha", "use_rslora", "dropout", "targets", "base_dtype"),
-    "pissa": ("r", "alpha", "use_rslora", "dropout", "targets", "base_dtype"),
-    "oft": ("oft_block_size", "coft_eps", "block_share", "dropout", "targets", "quantize", "base_dtype"),
-    "ether": ("ether_nb", "flip_side", "dropout", "targets", "base_dtype"),
-    "etherplus": ("ether_nb", "flip_side", "dropout", "targets", "base_dtype"),
-    "etherplusHH": ("ether_nb", "dropout", "targets", "base_dtype"),
-    "ia3": ("targets", "quantize", "base_dtype"),
-    "full": (),
-}
 # training keys that say how the run was trained (the card lists them; I/O and logging keys it does not)
 TRAIN_FIELDS = ("learning_rate", "max_iters", "batch_size", "gradient_accumulation_steps", "block_size",
                 "weight_decay", "beta1", "beta2", "grad_clip", "decay_lr", "warmup_iters", "lr_decay_iters",
@@ -354,7 +342,7 @@ def model_card(repo_id, meta, cfg, what, trainable, total, val_loss, best_val_lo
     usage += ["```"]
 
     peft_rows = [("method", f"`{cfg.method}`")]
-    for field in METHOD_FIELDS.get(cfg.method, ()):
+    for field in fields_used(cfg.method):  # what the method's layer class reads (peft/config.py)
         if field == "targets":
             default = " (the method's default)" if cfg.targets is None else ""
             peft_rows.append((field, ", ".join(cfg.resolved_targets()) + default))
