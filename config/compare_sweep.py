@@ -1,5 +1,5 @@
-# The offline learning-rate sweep: 6 methods x 3-4 learning rates on the bundled Milton base and
-# Shakespeare, the same data, seed, token budget and schedule for all 19 runs, then each run (and
+# The offline learning-rate sweep: 6 methods x 4 learning rates on the bundled Milton base and
+# Shakespeare, the same data, seed, token budget and schedule for all 23 runs, then each run (and
 # the base) scored on Shakespeare (learned) and on Milton, the base's own domain (forgot).
 # About 25 minutes on 2 quiet cores of an AMD EPYC (README).
 #   python data/shakespeare/prepare.py --offline
@@ -30,12 +30,12 @@ common = dict(
 # Rates a factor ~3 apart (half a decade), centred where each method's papers and the 100-iter
 # default grid put it: full fine-tuning about 10x below the adapters, the orthogonal methods and IA3
 # (a handful of scales) above LoRA. A best rate at an end of its range says: widen it (adding a rate
-# to a list trains only that run).
+# to a list trains only that run; LoRA-3, ETHER, ETHER+ and IA3 got their fourth rate that way).
 runs = [
     ("full", dict(method="full", learning_rate=(3e-4, 1e-3, 3e-3, 1e-2))),
-    ("lora3", dict(method="lora", targets=("lora3",), learning_rate=(1e-3, 3e-3, 1e-2))),
+    ("lora3", dict(method="lora", targets=("lora3",), learning_rate=(1e-3, 3e-3, 1e-2, 3e-2))),
     ("oft", dict(method="oft", learning_rate=(3e-3, 1e-2, 3e-2))),  # c_attn + attn.c_proj, blocks of 32
-    ("ether", dict(method="ether", learning_rate=(3e-3, 1e-2, 3e-2))),  # q, v
-    ("ether+", dict(method="etherplus", learning_rate=(3e-3, 1e-2, 3e-2))),  # q, v
-    ("ia3", dict(method="ia3", learning_rate=(3e-2, 1e-1, 3e-1))),  # k, v, mlp.c_proj
+    ("ether", dict(method="ether", learning_rate=(3e-3, 1e-2, 3e-2, 1e-1))),  # q, v
+    ("ether+", dict(method="etherplus", learning_rate=(3e-3, 1e-2, 3e-2, 1e-1))),  # q, v
+    ("ia3", dict(method="ia3", learning_rate=(3e-2, 1e-1, 3e-1, 1.0))),  # k, v, mlp.c_proj
 ]
