@@ -54,6 +54,7 @@ import torch
 
 import configurator
 import errors
+import outputs
 import peft
 from errors import UserError
 from peft.config import TRAIN_KEYS
@@ -104,6 +105,7 @@ threads = os.cpu_count() or 1  # torch threads in every measurement; 0 = torch's
 seed = 1337
 timeout = 3600  # seconds allowed per measurement process
 out = ""  # also write the results as JSON to this file
+overwrite = False  # replace an existing --out (only ever an earlier bench.py result)
 # the valid values of every key (configurator's rules), checked before anything runs
 _ = configurator.ANY
 domains = {
@@ -114,7 +116,7 @@ domains = {
     "learning_rate": "> 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)",
     "warmup": ">= 0", "steps": ">= 1", "bf16": _, "bf16_warmup": ">= 0", "bf16_steps": ">= 1", "bf16_max_s": ">= 0",
     "hf": _, "forward": _, "sample_tokens": ">= 0", "sample_prompt": ">= 1", "threads": ">= 0",
-    "seed": "[0, 18446744073709551615]", "timeout": "> 0", "out": _,
+    "seed": "[0, 18446744073709551615]", "timeout": "> 0", "out": _, "overwrite": _,
 }
 config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:], domains)
 globals().update(config)
@@ -124,6 +126,9 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 GOAL_VS_LORA = {"dora": 1.15, "oft": 1.3, "ether": 1.1, "etherplus": 1.1, "etherplusHH": 1.1}  # max step-time ratio
 
 # checks that need no model
+if out:  # before any measurement: an existing file needs --overwrite=true, and only an earlier result is replaced
+    outputs.check_output(out, overwrite, what="benchmark results",
+                         ours=lambda p: outputs.is_json_with(p, {"machine", "settings", "results", "goals", "total_s"}))
 if n_embd % n_head:
     raise UserError(f"n_embd={n_embd} is not a multiple of n_head={n_head}")
 if seq_len > block_size:
@@ -768,7 +773,6 @@ if __name__ == "__main__":
     total = time.time() - t_start
     print(f"\ntotal time {total:.0f} s")
     if out:
-        with open(out, "w") as f:
-            json.dump({"machine": info, "settings": config, "results": run.results, "goals": goals,
-                       "total_s": total}, f, indent=2)
+        outputs.write_json(out, {"machine": info, "settings": config, "results": run.results, "goals": goals,
+                                 "total_s": total})
         print(f"wrote {out}")

@@ -138,15 +138,6 @@ def sha(obj):
     return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_json(path, obj):
-    """Atomic: a reader (or a killed writer) never leaves half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def read_json(path):
     try:
         with open(path) as f:
@@ -445,7 +436,7 @@ def train_grid(plans, state):
         m = re.search(r"method \S+: ([\d,]+) trainable parameters of ([\d,]+)", output)
         if m:
             record["params"] = {"trainable": int(m.group(1).replace(",", "")), "total": int(m.group(2).replace(",", ""))}
-        write_json(grid_json, state)
+        outputs.write_json(grid_json, state)
         trained += 1
         log = os.path.join(out_dir, "logs", f"{name}.log")
         if stop:
@@ -498,7 +489,7 @@ def evaluate(plans, state, data):
         model, _ = load_for_eval(source, cfg["device"])
         record["eval"] = {"key": key, **{kind: perplexity(model, ds["docs"], W, W, batch_size=8, device=cfg["device"])
                                          for kind, ds in data.items()}}
-        write_json(os.path.join(out_dir, "grid.json"), state)
+        outputs.write_json(os.path.join(out_dir, "grid.json"), state)
         print(f"{label}: {data['learned']['name']} ppl {record['eval']['learned']['ppl']:.2f}, "
               f"{data['forgot']['name']} ppl {record['eval']['forgot']['ppl']:.2f} ({time.perf_counter() - t0:.0f} s)")
 
@@ -960,9 +951,9 @@ def print_summary(results, figures):
 
 # -----------------------------------------------------------------------------
 
-outputs.writable_folder(out_dir)  # not a file, not under a file, not read-only: in a dry run too
+outputs.writable_folder(out_dir, f"--out_dir={out_dir}")  # not a file, not under a file, not read-only: in a dry run too
 if assets_dir:
-    outputs.writable_folder(assets_dir)
+    outputs.writable_folder(assets_dir, f"--assets_dir={assets_dir}")
 if plot_only:
     path = os.path.join(out_dir, "results.json")
     if not os.path.isfile(path):
@@ -986,7 +977,7 @@ if dry_run:
     sys.exit(0)
 
 os.makedirs(out_dir, exist_ok=True)
-write_json(os.path.join(out_dir, "grid.json"), state)
+outputs.write_json(os.path.join(out_dir, "grid.json"), state)
 handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 stopped = train_grid(plans, state)
 for sig, handler in handlers.items():
@@ -994,7 +985,7 @@ for sig, handler in handlers.items():
 if data and stopped != "interrupted":
     evaluate(plans, state, data)
 results = collect(plans, state, baseline_mb, data)
-write_json(os.path.join(out_dir, "results.json"), results)
+outputs.write_json(os.path.join(out_dir, "results.json"), results)
 write_tables(results)
 print_summary(results, draw(results))
 if stopped:

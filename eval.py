@@ -579,32 +579,6 @@ def fmt(column, value):
     return f"{value:.2f}" if column.endswith("ppl") or "perplexity" in column else f"{value:.4f}"
 
 
-def is_eval_result(path):
-    """Whether `path` holds an earlier eval.py result (the only file --out replaces)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(obj, dict) and set(obj) == {"config", "datasets", "models"}
-
-
-def write_json(path, obj):
-    """Write JSON through a temp file in the same folder and os.replace: never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not write {path}: {e.strerror or e}") from None
-
-
 # -----------------------------------------------------------------------------
 
 def main(argv):
@@ -615,7 +589,8 @@ def main(argv):
 
     # check and load everything that does not depend on the model first: a typo fails in seconds
     tm = task_manager(c.tasks, c.include_path) if c.tasks else None
-    outputs.check_output(c.out, c.overwrite, ours=is_eval_result, what="JSON results")
+    outputs.check_output(c.out, c.overwrite, what="JSON results",
+                         ours=lambda p: outputs.is_json_with(p, {"config", "datasets", "models"}))
     specs = c.datasets or (() if c.tasks else DEFAULT_DATASETS)
     data = {}
     for spec in specs:
@@ -661,7 +636,7 @@ def main(argv):
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         del model
-        write_json(c.out, dict(
+        outputs.write_json(c.out, dict(
             config={k: list(v) if isinstance(v, tuple) else v for k, v in vars(c).items()},
             datasets={n: dict(source=d["source"], kind=d["kind"], records=d["records"]) for n, d in data.items()},
             models=rows))

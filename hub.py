@@ -43,10 +43,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import configurator
+import outputs
 import peft
 import tokenizer
 from errors import UserError
-from model import GPT, HUB_MODELS, _write_atomic
+from model import GPT, HUB_MODELS
 from peft import quant
 from peft.config import fields_used
 from peft.hf import HEAD, LORA_METHODS, to_hf_peft
@@ -160,14 +161,9 @@ def write_adapter(model, cfg, folder, base_model_name_or_path):
     trained = {"method": cfg.method, "quantize": cfg.quantize, "base_dtype": cfg.base_dtype}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     os.makedirs(folder, exist_ok=True)
-
-    def write_config(tmp):
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
     # each file atomically, and readable by all (0644 with the usual umask) like model.safetensors
-    _write_atomic(os.path.join(folder, ADAPTER_CONFIG), write_config)
-    _write_atomic(os.path.join(folder, ADAPTER_WEIGHTS), lambda tmp: save_file(
+    outputs.write_json(os.path.join(folder, ADAPTER_CONFIG), config)
+    outputs.atomic_write(os.path.join(folder, ADAPTER_WEIGHTS), lambda tmp: save_file(
         tensors, tmp, metadata={"format": "pt", "gpt2_peft": json.dumps(trained)}))
     return config
 

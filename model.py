@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import outputs
 from errors import UserError
 
 HUB_MODELS = {  # the four OpenAI GPT-2 checkpoints on the Hugging Face Hub
@@ -355,14 +356,10 @@ class GPT(nn.Module):
         }
         generation_config = {"_from_model_config": True, "bos_token_id": eot, "eos_token_id": eot}
         os.makedirs(folder, exist_ok=True)
-        _write_atomic(os.path.join(folder, "model.safetensors"),
-                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        for name, obj in (("config.json", config), ("generation_config.json", generation_config)):
-            def write_json(tmp, obj=obj):
-                with open(tmp, "w") as f:
-                    json.dump(obj, f, indent=2)
-                    f.write("\n")
-            _write_atomic(os.path.join(folder, name), write_json)
+        outputs.atomic_write(os.path.join(folder, "model.safetensors"),
+                             lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        outputs.write_json(os.path.join(folder, "config.json"), config)
+        outputs.write_json(os.path.join(folder, "generation_config.json"), generation_config)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lr_scales=None):
         """AdamW over the trainable parameters: matrices and embeddings (>= 2-D) get weight decay,
@@ -502,17 +499,3 @@ def _load_state_dict(path):
                             f"a plain PyTorch state dict") from e
     raise UserError(f"'{path}' has neither model.safetensors nor pytorch_model.bin: "
                     f"sharded or other checkpoints are not supported")
-
-
-def _write_atomic(path, write):
-    """Call write(tmp) on a temporary file next to path, then rename it to path."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files private (0600); exports are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -2,6 +2,9 @@
 Where commands write: checked before any work, so a long run never fails at its last step, and never
 writes over a file it did not create. No torch import: the prepare scripts use it too.
 
+    atomic_write(path, write), write_json     every output file: written to a temp file next to it, then
+                                              renamed over it, so no reader or killed writer ever sees
+                                              half a file
     check_output(path, overwrite, ours=...)   an output file or folder: refuse a path that exists and is
                                               not ours, or exists without --overwrite=true, or cannot be
                                               written (a file in the way, a read-only folder)
@@ -12,6 +15,7 @@ writes over a file it did not create. No torch import: the prepare scripts use i
 import atexit
 import errno
 import fcntl
+import json
 import os
 
 from errors import UserError
@@ -20,23 +24,64 @@ LOCK_NAME = ".train.lock"  # in a training out_dir, while a train.py writes ther
 PROBE_PREFIX = ".write-probe-"  # writable_folder's probe file, there for a moment
 
 
-def writable_folder(folder):
+def atomic_write(path, write):
+    """Call write(tmp) on a temp file next to `path`, then rename it to `path`: `path` holds the old
+    file or the new one, never half of one. The file gets the usual permissions (0644 with the usual
+    umask; safetensors creates files private). A failed write is one line and leaves no temp file."""
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    """`obj` as indented JSON at `path`, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def is_json_with(path, keys):
+    """Whether `path` holds a JSON object with exactly these top-level keys (an earlier result of the
+    command that writes them: the only kind of file its --overwrite=true replaces)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and set(obj) == set(keys)
+
+
+def writable_folder(folder, setting=""):
     """Raise a UserError unless files can be created in `folder` (or, if it does not exist yet, in the
     nearest folder above it, where it would be created). Probes by creating and removing a temp file:
-    permission bits alone do not tell (root, read-only mounts, ACLs)."""
+    permission bits alone do not tell (root, read-only mounts, ACLs). `setting` (e.g.
+    "--out_dir=runs/a") starts the message."""
+    where = f"{setting}: " if setting else ""
     folder = os.path.abspath(folder)
     probe_in = folder
     while not os.path.exists(probe_in):
         probe_in = os.path.dirname(probe_in)
     if not os.path.isdir(probe_in):
-        raise UserError(f"cannot write to {folder}: {probe_in} is a file, not a folder; choose another path")
+        raise UserError(f"{where}cannot write to {folder}: {probe_in} is a file, not a folder; choose another path")
     probe = os.path.join(probe_in, f"{PROBE_PREFIX}{os.getpid()}")
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write to {folder}: {e.strerror or e}; choose another path") from None
+        raise UserError(f"{where}cannot write to {folder}: {e.strerror or e}; choose another path") from None
 
 
 def check_output(path, overwrite=False, ours=None, folder=False, what="output", key="--out"):
@@ -56,7 +101,7 @@ def check_output(path, overwrite=False, ours=None, folder=False, what="output", 
                                 f"choose another {key}")
             if not overwrite:
                 raise UserError(f"{name} already exists; replace it with --overwrite=true, or choose another {key}")
-    writable_folder(path if folder else os.path.dirname(os.path.abspath(path)))
+    writable_folder(path if folder else os.path.dirname(os.path.abspath(path)), name)
 
 
 class OutDirLock:
