@@ -301,7 +301,7 @@ def test_cli_bad_flags(tmp_path):
     args = ["--input", fixture("alpaca"), "--out_dir", str(tmp_path)]
     assert "--val_fraction=1.5" in one_error_line(run("alpaca", *args, "--val_fraction", "1.5", cwd=tmp_path))
     assert "leaves none to train on" in one_error_line(run("alpaca", *args, "--val_examples", "9", cwd=tmp_path))
-    assert "--max_length=1 is too small" in one_error_line(run("alpaca", *args, "--max_length", "1", cwd=tmp_path))
+    assert "--max_length=1: must be an integer >= 2" in one_error_line(run("alpaca", *args, "--max_length", "1", cwd=tmp_path))
 
 
 def test_cli_writes_nothing_when_val_is_unusable(tmp_path):

@@ -348,5 +348,5 @@ def test_lora_plus_matches_hf_peft(lora_plus_runs, method):
 def test_lora_plus_without_B_matrices_is_one_clear_error(method):
     with pytest.raises(UserError, match=f"method '{method}' has none, so drop lora_plus_ratio"):
         peft.PeftConfig(method=method, lora_plus_ratio=16.0)
-    with pytest.raises(UserError, match="must be > 0"):
+    with pytest.raises(UserError, match="lora_plus_ratio=-1.0: must be a number >= 0"):
         peft.PeftConfig(method="lora", lora_plus_ratio=-1.0)

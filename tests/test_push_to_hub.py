@@ -415,14 +415,15 @@ def test_configurator_ignores_unknown_keys_only_from_files(tmp_path):
     f = tmp_path / "train_config.py"
     f.write_text("out_dir = 'out-x'\nlearning_rate = 1e-3\nbatch_size = 2\n")
     defaults = {"out_dir": "out", "repo_id": ""}
-    assert configurator.configure(defaults, [str(f)], ignore_unknown_from_files=True)["out_dir"] == "out-x"
+    domains = {"out_dir": configurator.PATH, "repo_id": configurator.ANY}
+    assert configurator.configure(defaults, [str(f)], domains, ignore_unknown_from_files=True)["out_dir"] == "out-x"
     with pytest.raises(UserError, match="unknown config key 'learning_rate'"):
-        configurator.configure(defaults, [str(f)])
+        configurator.configure(defaults, [str(f)], domains)
     with pytest.raises(UserError, match="unknown config key 'repoid' on the command line"):
-        configurator.configure(defaults, [str(f), "--repoid=a/b"], ignore_unknown_from_files=True)
+        configurator.configure(defaults, [str(f), "--repoid=a/b"], domains, ignore_unknown_from_files=True)
     f.write_text("out_dir = 3\n")
     with pytest.raises(UserError, match="must be of type str"):
-        configurator.configure(defaults, [str(f)], ignore_unknown_from_files=True)
+        configurator.configure(defaults, [str(f)], domains, ignore_unknown_from_files=True)
 
 
 def test_loading_a_foreign_or_broken_adapter_folder_is_one_clear_error(setup, tmp_path):

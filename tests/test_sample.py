@@ -64,4 +64,4 @@ def test_template_before_and_after_instruction_tuning(base_bpe, tmp_path):
     p = run("sample.py", f"--out_dir={out}", "--start=Hi", "--num_samples=1", "--max_new_tokens=2")
     assert p.returncode == 0 and "add --template=alpaca" in p.stderr
     p = run("sample.py", f"--init_from={base}", "--template=vicuna", "--start=Hi")
-    assert p.returncode == 2 and "unknown prompt template 'vicuna'" in p.stderr
+    assert p.returncode == 2 and "--template=vicuna: must be one of '', guanaco, alpaca" in p.stderr
