@@ -25,7 +25,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
@@ -35,7 +34,6 @@ import instruct
 import outputs
 import peft
 from errors import UserError
-from model import GPTConfig
 from shards import check_same_preparation, read_shard
 from tokenizer import EOT  # an UPPER_CASE constant: never a config key (configurator.is_key)
 
@@ -408,19 +406,13 @@ def save_checkpoint():
         return
     # the first checkpoint of a run that replaces another (--overwrite=true): its metrics replace the old
     # run's only now, right after its checkpoint did, so a crash before leaves the old pair matching
-    path = os.path.join(out_dir, "metrics.jsonl")
-    tmp = os.path.join(out_dir, f".metrics.jsonl.tmp-{os.getpid()}")
-    checkpoint.remove_stale_temp_files(out_dir, "metrics.jsonl")
-    try:
+    def write(tmp):
         with open(tmp, "w") as f:
             f.writelines(json.dumps(record) + "\n" for record in pending_metrics)
-        checkpoint.save(out_dir, raw_model, optimizer, meta)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"could not write {path}: {e.strerror or e}; {ckpt_path} keeps the last saved state") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        checkpoint.save(out_dir, raw_model, optimizer, meta)  # the checkpoint first, the metrics' rename right after
+
+    checkpoint.remove_stale_temp_files(out_dir, "metrics.jsonl")
+    outputs.atomic_write(os.path.join(out_dir, "metrics.jsonl"), write)
     pending_metrics = None
 
 
