@@ -261,6 +261,15 @@ def base_identity(init_from, model, out_dir):
     return identity
 
 
+def local_base(init_from):
+    """A relative base folder such as the configs' models/gpt2-milton, from the current folder if it is
+    there, else from the repo root (as data/<name> is for --dataset), so a config works from any folder."""
+    if init_from in ("scratch", "resume") or os.path.isabs(init_from) or os.path.isdir(init_from):
+        return init_from
+    in_repo = os.path.join(ROOT, init_from)
+    return in_repo if os.path.isdir(in_repo) else init_from
+
+
 def find_base(base, out_dir=None, override=None):
     """Where the base of a checkpoint is now: `override` (a script's --base) if given; else the first
     folder that exists of its recorded absolute path, its path from out_dir, and the path it was given

@@ -301,6 +301,7 @@ else:
             raise UserError(f"{out_dir} holds files this repo did not write ({', '.join(sorted(foreign)[:3])}); choose another --out_dir")
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size, bias=bias)
     torch.manual_seed(seed)  # the same initial weights (scratch) and adapter init on every process
+    init_from = checkpoint.local_base(init_from)  # e.g. models/gpt2-milton from another folder
     model = checkpoint.build_base(init_from, model_args, dropout)
     if block_size > model.config.block_size:
         raise UserError(f"block_size={block_size} is larger than the model's {model.config.block_size} positions; use --block_size={model.config.block_size} or less")

@@ -90,3 +90,11 @@ def test_adapter_on_a_different_base_is_refused(tmp_path):
     tiny(seed=1).save_hf(str(base_dir))  # the base folder now holds other weights
     with pytest.raises(UserError, match="different weights"):
         checkpoint.load_model(str(tmp_path))
+
+
+def test_a_relative_base_is_found_from_the_repo_root_when_not_in_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # another working folder: the configs' models/gpt2-milton is not here
+    assert checkpoint.local_base("models/gpt2-milton") == os.path.join(checkpoint.ROOT, "models/gpt2-milton")
+    (tmp_path / "models" / "gpt2-milton").mkdir(parents=True)  # a folder of that name here wins
+    assert checkpoint.local_base("models/gpt2-milton") == "models/gpt2-milton"
+    assert checkpoint.local_base("gpt2") == "gpt2" and checkpoint.local_base("scratch") == "scratch"
