@@ -11,9 +11,9 @@ import torch.nn as nn
 
 from errors import UserError
 from peft.config import PeftConfig
-from peft.ether import ETHERLinear, ETHERPlusLinear
+from peft.ether import ETHERLinear, ETHERPlusHHLinear, ETHERPlusLinear
 
-CLASSES = {"ether": ETHERLinear, "etherplus": ETHERPlusLinear, "etherplusHH": ETHERPlusLinear}
+CLASSES = {"ether": ETHERLinear, "etherplus": ETHERPlusLinear, "etherplusHH": ETHERPlusHHLinear}
 
 
 def make_cfg(**kw):

@@ -272,7 +272,7 @@ def test_bad_inject(kwargs, match):
 @pytest.mark.parametrize("method", list(peft.METHODS))
 def test_targets_all_works_for_every_method_on_a_50257_token_head(method):
     """targets=all (config/quickstart.py) on a GPT with GPT-2's vocabulary: every method injects and
-    trains; lm_head is adapted except where peft.config.ALL_TARGETS says otherwise (olora, etherplusHH: lora3;
+    trains; lm_head is adapted except where the layer class's all_targets says otherwise (olora, etherplusHH: lora3;
     ether: lora2)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=BLOCK, vocab_size=50257, n_layer=1, n_head=2, n_embd=32))
@@ -326,3 +326,21 @@ def test_load_adapter_errors():
     other = peft.inject(tiny_gpt(), config("lora", r=2))
     with pytest.raises(UserError, match="shape"):
         peft.load_adapter_state_dict(model, peft.adapter_state_dict(other))
+
+
+def test_every_method_describes_itself_on_its_layer_class():
+    """peft.METHODS is built from the layer classes: each names itself, and carries what the rest of
+    the repo reads (model card, HF export, bench.py goals, targets=None / all)."""
+    for name, cls in peft.METHODS.items():
+        if cls is None:
+            assert name == "full"
+            continue
+        assert cls.name == name
+        assert isinstance(cls.title, str) and cls.title
+        assert cls.all_targets in peft.PRESETS
+        assert cls.default_targets and all(isinstance(t, str) for t in cls.default_targets)
+        assert set(cls.config_fields) <= set(peft.config.DOMAINS)
+        assert cls.hf_peft_type in ("LORA", "IA3", None)
+        assert (cls.hf_peft_type is None) == isinstance(cls.no_hf_reason, str)
+        assert cls.bench_goal_vs_lora is None or cls.bench_goal_vs_lora >= 1
+    assert len({cls for cls in peft.METHODS.values()}) == len(peft.METHODS)  # one class per method
