@@ -8,7 +8,7 @@ Benchmark: training-step speed and peak memory, ours side by side with transform
 
 The model is the GPT-2 124M shape with random weights (n_layer=12, n_head=12, n_embd=768, vocab 50257),
 trained on a fixed random batch of batch_size x seq_len tokens, dropout 0 everywhere. We build our GPT,
-save it as a transformers folder (GPT.save_hf), and both sides load that folder: same weights, same batch,
+save it as a transformers folder (hf_gpt2.save), and both sides load that folder: same weights, same batch,
 so the first-step losses must agree.
 
 A train step is forward + backward + AdamW step + zero_grad, with the same AdamW on both sides
@@ -54,6 +54,7 @@ import torch
 
 import configurator
 import errors
+import hf_gpt2
 import outputs
 import peft
 from errors import UserError
@@ -192,8 +193,8 @@ if job["threads"] > 0:
     torch.set_num_threads(job["threads"])
 if job["side"] == "ours":
     import peft
+    import hf_gpt2
     from errors import UserError
-    from model import GPT
 else:
     import transformers
     from transformers import GPT2LMHeadModel
@@ -262,7 +263,7 @@ result = {"threads": torch.get_num_threads()}
 
 def build_ours(peft_dict, merge):
     """Our GPT from the saved base (fp32, dropout 0), with adapters (and merged) as asked."""
-    model = GPT.from_pretrained(job["base_dir"])
+    model = hf_gpt2.load(job["base_dir"])
     try:
         if peft_dict is not None:
             peft.inject(model, peft.PeftConfig.from_dict(peft_dict))
@@ -750,7 +751,7 @@ if __name__ == "__main__":
         base_dir = os.path.join(workdir, "base")
         gpt = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
                             n_embd=n_embd, dropout=0.0))
-        gpt.save_hf(base_dir)  # both sides load these weights
+        hf_gpt2.save(gpt, base_dir)  # both sides load these weights
         del gpt
         run = Runner(workdir, base_dir, count_jobs(methods))
         goals = []

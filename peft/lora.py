@@ -81,6 +81,12 @@ class LoRALinear(nn.Module):
     lora_plus_params = ("lora_B",)  # LoRA+: these train at lora_plus_ratio × the learning rate
     factors = None  # OLoRA / PiSSA: a function (W [out, in], r, s) -> (A₀ [r, in], B₀ [out, r])
 
+    @classmethod
+    def title_for(cls, cfg):
+        """The title as cfg sets the method up: rsLoRA (use_rslora), QLoRA / QDoRA (a 4-bit base)."""
+        title = ("rs" if cfg.use_rslora else "") + cls.title
+        return "Q" + title if cfg.quantize else title
+
     def __init__(self, base, cfg, slices=None):
         super().__init__()
         self.base = base  # frozen nn.Linear, CastLinear or bitsandbytes Linear4bit

@@ -12,12 +12,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import hf_gpt2  # noqa: E402
 import peft  # noqa: E402
 from errors import UserError  # noqa: E402
 from hf_peft_helpers import randomize_adapters, run_hf_peft, save_adapter, write_tiny_gpt2  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-import hub  # noqa: E402
-from peft.hf import to_hf_peft  # noqa: E402
+from peft.hf import no_hf_reason, to_hf_peft, write_hf_peft  # noqa: E402
 
 pytest.importorskip("transformers")
 
@@ -48,7 +48,7 @@ def compared(tmp_path_factory):
     idx = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
     ours, folders = {}, []
     for name, kw in CASES.items():
-        model = GPT.from_pretrained(base)
+        model = hf_gpt2.load(base)
         peft.inject(model, peft.PeftConfig(**kw))
         randomize_adapters(model, seed=1)
         model.eval()
@@ -56,7 +56,7 @@ def compared(tmp_path_factory):
             ours[name] = model(idx, targets=idx)[0]  # (B, T, V), every position
         folder = str(tmp / name)
         if name in ("lora_c_attn", "lora_lora4"):  # the writer push_to_hub.py uses
-            hub.write_adapter(model, model.peft_config, folder, base)
+            write_hf_peft(model, model.peft_config, folder, base)
         else:
             save_adapter(folder, *to_hf_peft(model, base_model_name_or_path=base))
         folders.append(folder)
@@ -100,7 +100,7 @@ def test_head_alone_has_no_hf_form():
     model = peft.inject(GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32)), cfg)
     with pytest.raises(UserError, match="lm_head alone"):
         to_hf_peft(model)
-    assert "lm_head alone" in hub.no_adapter_reason(cfg)
+    assert "lm_head alone" in no_hf_reason(cfg)
 
 
 def test_adapter_folder_format(compared):
