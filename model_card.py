@@ -38,8 +38,8 @@ def merge_note(cfg):
                  "a different model")
     note += "."
     if HEAD in cfg.resolved_targets():
-        note += (" GPT-2's `lm_head` is tied to the token embedding, and an HF PEFT adapter on it would be merged into that "
-                 "shared tensor, moving the input embedding too; so the adapter holds the adapted head whole "
+        note += (" GPT-2's `lm_head` is tied to the token embedding, and an HF PEFT adapter on it would be merged "
+                 "into that shared tensor, moving the input embedding too; so the adapter holds the adapted head whole "
                  "(`modules_to_save`: vocab × n_embd numbers, 38.6M for GPT-2 124M), which merge_and_unload() leaves "
                  "untied from the embedding (`tie_word_embeddings=False`), as in the merged model. HF PEFT's warning "
                  "that a tied layer is part of the adapter is expected.")

@@ -282,7 +282,8 @@ def load_hf_peft(folder, base=None, dropout=0.0):
     else:
         dora = config.get("use_dora") or any("lora_magnitude" in p for p in parts.values())
         cls = DoRALinear if dora else LoRALinear
-    needs = {"ia3_l"} if cls is IA3Linear else {"lora_A", "lora_B"} | ({"lora_magnitude"} if cls is DoRALinear else set())
+    needs = {IA3Linear: {"ia3_l"}, LoRALinear: {"lora_A", "lora_B"},
+             DoRALinear: {"lora_A", "lora_B", "lora_magnitude"}}[cls]  # the tensors of each module's layer
     hf_name = {ours: suffix.lstrip(".") for suffix, ours in TENSORS.items()}
     for name, p in parts.items():
         if set(p) != needs:
