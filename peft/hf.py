@@ -38,7 +38,7 @@ into 4-bit layers rounds W + s·B A to NF4 again; merged on base.dequantize() it
 Loading (load_hf_peft) is the inverse, for these adapters and any HF PEFT LoRA / rsLoRA / DoRA / IA3
 adapter of a GPT-2: peft.inject puts our layer of the same form on each adapted module, whole
 (LoRALinear with A, B; DoRALinear with m on every row; IA3Linear with l, its side read from l's
-shape), with the rank and alpha HF gives that module (rank_pattern, alpha_pattern); the tensors
+shape), with the rank (its tensors') and alpha (alpha_pattern) HF gives that module; the tensors
 are loaded into those layers and peft.merge folds them into the weights with the layers' own
 merge(), so the merge math exists once, in the layer files. A q/k/v-sliced or OLoRA / PiSSA adapter
 comes back as the plain LoRA it was exported as, which merges to the same weights. An adapted
@@ -49,7 +49,6 @@ precision it was trained on (quantize="nf4" for QLoRA/QDoRA, base_dtype). HF ign
 load_hf_peft uses it to build the base as training saw it (NF4-rounded for QLoRA), so an exported
 QLoRA adapter loads back to the very model that was trained.
 """
-
 
 import dataclasses
 import json
