@@ -16,40 +16,16 @@ import peft  # noqa: E402
 from errors import UserError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from peft import quant  # noqa: E402
+from conftest import PEFT_BLOCK as BLOCK, batch, randomize, tiny_gpt  # noqa: E402
 
 ADAPTER_METHODS = [m for m in peft.METHODS if m != "full"]
 QUANTIZABLE = [m for m in ADAPTER_METHODS if peft.METHODS[m].supports_quantize]
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-VOCAB, BLOCK = 97, 32
-
-
-def tiny_gpt(seed=0, n_embd=32):
-    """A random tiny GPT with non-zero biases and LayerNorms (so layout mistakes show)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=n_embd))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def config(method, **kw):
     kw = dict(dict(r=4, oft_block_size=8, ether_nb=4), **kw)
     return peft.PeftConfig(method=method, **kw)
-
-
-@torch.no_grad()
-def randomize(model, seed=1, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(std * torch.randn(p.shape, generator=g).to(p))
-
-
-def batch(seed=2, B=2, T=16):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (B, T), generator=g), torch.randint(0, VOCAB, (B, T), generator=g)
 
 
 def logits(model, idx, targets):
