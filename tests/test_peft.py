@@ -399,7 +399,8 @@ def test_a_new_method_is_one_file_and_one_registry_line(tmp_path, base, data):
     run("sample.py", f"--out_dir={out}", "--max_new_tokens=4", "--num_samples=1", "--start=a", "--device=cpu")
     p = run("push_to_hub.py", f"--out_dir={out}", "--repo_id=someone/tiny-biasfit", "--dry_run=true",
             f"--save_dir={tmp_path / 'export'}")
-    assert (tmp_path / "export" / "README.md").exists()
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "BiasFit" in card and "HF PEFT has no bias-only method" in card  # the card reads the class
     (tmp_path / "train_tiny.py").write_text(f"init_from = {base!r}\ndataset = {data!r}\ndevice = 'cpu'\n"
                                             f"compile = False\nbatch_size = 2\nblock_size = 16\n")
     (tmp_path / "grid.py").write_text(f"base_config = {str(tmp_path / 'train_tiny.py')!r}\ncommon = dict(max_iters=4)\n"
