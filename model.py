@@ -204,8 +204,8 @@ def _linear_cross_entropy(x, weight, targets, chunk, grad_x, grad_w):
             if grad_w:
                 gw += g.to(xc.dtype).t() @ xc  # (Vp, C)
     loss = loss / count
-    gx = gx / count if grad_x else None
-    gw = gw[:V] / count if grad_w else None
+    gx = gx.div_(count) if grad_x else None
+    gw = gw[:V].div_(count) if grad_w else None  # in place: no second (V, C) copy
     return loss, gx, gw
 
 
