@@ -24,6 +24,7 @@ from peft.ether import ETHERLinear, ETHERPlusLinear
 from peft.ia3 import IA3Linear
 from peft.lora import LoRALinear, OLoRALinear, PiSSALinear
 from peft.oft import OFTLinear
+from peft.slices import QKV
 
 __all__ = ["METHODS", "PeftConfig", "inject", "merge", "adapter_state_dict", "load_adapter_state_dict",
            "count_parameters", "adapter_layers", "lr_scales", "PRESETS", "DEFAULT_TARGETS"]
@@ -40,7 +41,6 @@ METHODS = {
     "etherplusHH": ETHERPlusLinear,  # ETHER+, both sides of the weight
     "ia3": IA3Linear,                # Liu et al. 2022, learned scaling of activations
 }
-QKV = ("q", "k", "v")
 
 
 def adapter_layers(model):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from peft.lora import LoRALinear
 from peft.quant import dequantize, make_linear
+from peft.slices import qkv_rows
 
 
 class DoRALinear(LoRALinear):
@@ -62,9 +63,8 @@ class DoRALinear(LoRALinear):
         """f = m / norm for the adapted rows, 1 for the rows of slices that are not adapted."""
         if self.slices is None:
             return self.lora_magnitude / norm  # [out]
-        f = torch.ones_like(norm).view(3, -1)  # (row block, row)
-        f = f.index_put((self.slice_rows,), self.lora_magnitude / norm.view(3, -1)[self.slice_rows])
-        return f.view(-1)  # [out]
+        f = self.lora_magnitude / norm.view(3, -1)[self.slice_rows]  # (n, d), the adapted rows
+        return qkv_rows(f, self.slices, 1.0).view(-1)  # [out]
 
     def forward(self, x):
         with torch.no_grad():

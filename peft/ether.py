@@ -71,8 +71,7 @@ import torch.nn.functional as F
 
 from errors import UserError
 from peft.quant import dequantize, make_linear
-
-SLICES = ("q", "k", "v")
+from peft.slices import QKV, qkv_rows
 
 
 def divisors(n):
@@ -97,7 +96,7 @@ class ETHERLinear(nn.Module):
         if slices is not None:
             if d_out != 3 * d_in:
                 raise UserError(f"q/k/v slices need the fused c_attn [3d, d], got a layer [{d_out}, {d_in}]")
-            self.slices = tuple(s for s in SLICES if s in slices)  # q, k, v order
+            self.slices = tuple(s for s in QKV if s in slices)  # q, k, v order
             self.sides = ("in", "out") if two_sided else ("out",)
             dims = {"in": d_in, "out": d_in}  # each slice is [d, d]
         else:
@@ -132,8 +131,7 @@ class ETHERLinear(nn.Module):
         for name in self.vectors:
             w = F.normalize(getattr(self, f"ether_{name}_{side}"), dim=-1)
             if self.slices is not None:
-                zero = w.new_zeros(w.shape[1:])
-                w = torch.stack([w[self.slices.index(s)] if s in self.slices else zero for s in SLICES])
+                w = qkv_rows(w, self.slices, 0.0)  # (3, nb, b)
             out.append(w)
         return out
 
