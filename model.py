@@ -181,6 +181,8 @@ def _linear_cross_entropy(x, weight, targets, chunk, grad_x, grad_w):
     """(mean loss, dloss/dx (N, C) or None, dloss/dW (V, C) or None), `chunk` rows at a time."""
     N, V = x.shape[0], weight.shape[0]
     Vp = -(-V // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if torch.is_autocast_enabled(x.device.type):  # cast first, so the padded copy is the cast one
+        weight = weight.to(torch.get_autocast_dtype(x.device.type))
     w = F.pad(weight, (0, 0, 0, Vp - V))  # (Vp, C), zero rows at the end
     keep = targets != -1  # (N,)
     count = keep.sum()  # a device tensor: no host synchronisation

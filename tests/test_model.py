@@ -135,6 +135,25 @@ def test_linear_cross_entropy_equals_cross_entropy(chunk):
         torch.testing.assert_close(linear_cross_entropy(x, W, targets, chunk), ref, atol=1e-6, rtol=1e-6)
 
 
+
+def test_linear_cross_entropy_under_autocast():
+    """Under bf16 autocast the head matmuls run in bf16 and the softmax in fp32, as F.cross_entropy
+    on autocast logits does: same loss, gradients to bf16 rounding, fp32 results."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, requires_grad=True)
+    W = torch.randn(101, 16, requires_grad=True)
+    targets = torch.randint(0, 101, (40,))
+    from model import linear_cross_entropy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(x, W), targets)
+        loss = linear_cross_entropy(x, W, targets, 7)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    for ours, theirs in zip(torch.autograd.grad(loss, (x, W)), torch.autograd.grad(ref, (x, W))):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=2e-2)
+
+
 def test_training_loss_matches_transformers(hf_folder):
     """model(x, y, return_logits=False), train.py's call: no logits, and the loss and gradients of
     transformers' GPT2LMHeadModel (and of our own logits path) on the same weights."""
