@@ -46,11 +46,11 @@ Bias. W' replaces W and the bias stays as it is (the reference calls F.linear(x,
 output side y = (x Wᵀ) H + b = H applied to the bias-free output, plus b. (H is symmetric, so
 the row-vector form z H equals H z.) The input side leaves the bias alone by construction.
 
-Cost. No dense H is ever built: a block acts on a row vector z as
+Cost. No dense (dim × dim) H is ever built: a block acts on a row vector z as
     ETHER:   z H_i = z - 2 (z·û) û            ETHER+:   z H_i = z - (z·û) û + (z·v̂) v̂
 One-sided methods apply it to each token (O(dim) per token: x H_in before the frozen base matmul,
 or (x Wᵀ) H_out after it). etherplusHH instead builds W' = H_out W H_in once per step
-(adapted_weight: the same maps on the rows and columns of W, O(out·in), independent of the
+(adapted_weight: W's blocks times the small b×b blocks of H, O(out·in·b), independent of the
 number of tokens) and runs one plain x W'ᵀ: the per-token form would need a rotated copy of x
 for every q/k/v slice and a batched matmul over them, which on a GPU costs more in memory traffic
 than the weight-side form's extra weight-gradient matmul (W' needs ∂L/∂W' = gᵀx for the vectors'
@@ -157,24 +157,30 @@ class ETHERLinear(nn.Module):
         z = self.apply_h(z.reshape(*lead, *blocks), vecs).reshape(z.shape)  # z H_out
         return z + bias.to(z.dtype) if bias is not None else z
 
+    def h_blocks(self, side):
+        """The blocks H_i of one side as matrices: (nb, b, b), or (3, nb, b, b) for q/k/v slices
+        (identity blocks on the slices not adapted). Built by applying H to the rows of I (H is
+        symmetric, so I H = H): small, O(dim·b)."""
+        vecs = [w.unsqueeze(-2) for w in self.unit_vectors(side)]  # (..., nb, 1, b)
+        eye = torch.eye(self.block[side], device=vecs[0].device, dtype=vecs[0].dtype)  # (b, b)
+        return self.apply_h(eye, vecs)  # (..., nb, b, b)
+
     def adapted_weight(self):
-        """W' = H_out W H_in [out, in] in float32 (the sides this layer adapts), built from the weight:
-        etherplusHH's forward (with gradients to the vectors) and merge. O(out·in), no dense H."""
+        """W' = H_out W H_in [out, in] in float32 (the sides this layer adapts): a batched matmul of
+        W's blocks with the small H blocks, O(out·in·b), no dense H. Used by etherplusHH's forward
+        (gradients flow to the vectors) and by merge."""
         W = dequantize(self.base)
         d_out, d_in = W.shape
         nb = self.nb
         if self.slices is None:
-            if "in" in self.sides:  # every row of W times H_in
-                W = self.apply_h(W.view(d_out, nb, -1), self.unit_vectors("in")).reshape(d_out, d_in)
-            if "out" in self.sides:  # H_out W = (Wᵀ H_out)ᵀ, H symmetric
-                Wt = self.apply_h(W.t().reshape(d_in, nb, -1), self.unit_vectors("out"))
-                W = Wt.reshape(d_in, d_out).t()
-        else:
-            if "in" in self.sides:  # rows of slice s times H_in,s
-                vecs = [w[:, None] for w in self.unit_vectors("in")]  # (3, 1, nb, b)
-                W = self.apply_h(W.view(3, d_in, nb, -1), vecs).reshape(d_out, d_in)
-            Wt = self.apply_h(W.t().reshape(d_in, 3, nb, -1), self.unit_vectors("out"))  # (in, 3, nb, b)
-            W = Wt.reshape(d_in, d_out).t()
+            if "in" in self.sides:  # W H_in: every row's block j times H_j
+                W = torch.einsum("onj,njk->onk", W.view(d_out, nb, -1), self.h_blocks("in")).reshape(d_out, d_in)
+            if "out" in self.sides:  # H_out W: block i of rows times H_i
+                W = (self.h_blocks("out") @ W.view(nb, -1, d_in)).reshape(d_out, d_in)
+        else:  # slice s: H_out,s W_s H_in,s
+            if "in" in self.sides:
+                W = torch.einsum("sonj,snjk->sonk", W.view(3, d_in, nb, -1), self.h_blocks("in")).reshape(d_out, d_in)
+            W = (self.h_blocks("out") @ W.view(3, nb, -1, d_in)).reshape(d_out, d_in)
         return W
 
     @torch.no_grad()
