@@ -149,10 +149,10 @@ class Block(nn.Module):
 
 # --- the loss without the logits ---------------------------------------------------------------
 LOSS_CHUNK = 1024  # tokens per chunk in linear_cross_entropy: (1024, 50304) fp32 logits = 206 MB
-VOCAB_MULTIPLE = 64  # the head matmul runs on the vocabulary padded to this (50257 -> 50304)
+VOCAB_MULTIPLE = 64  # on CUDA the head matmul runs on the vocabulary padded to this (50257 -> 50304)
 
 
-def linear_cross_entropy(x, weight, targets, chunk=LOSS_CHUNK):
+def linear_cross_entropy(x, weight, targets, chunk=LOSS_CHUNK, pad_to=None):
     """Mean cross-entropy of the logits x Wᵀ, without ever holding all of them.
 
     x (N, C) the final hidden states, weight (V, C) the head (lm_head = wte), targets (N,) with -1
@@ -166,24 +166,27 @@ def linear_cross_entropy(x, weight, targets, chunk=LOSS_CHUNK):
     rows) and of W (a sum over chunks) right away, and drops the logits; backward only multiplies
     the stored gradients by the incoming one. No recompute, so the flops are those of the plain
     path: one head matmul forward, two backward.
-    Vocabulary padding: the matmul runs on W padded with zero rows to a multiple of VOCAB_MULTIPLE
-    (GPU kernels are faster on such shapes); the padded columns are set to -inf before the softmax,
-    so they add nothing to the loss or the gradients (exact). The weight keeps its [V, C] shape,
-    so checkpoints do not change.
+    Vocabulary padding: the matmul runs on W padded with zero rows to a multiple of pad_to (default
+    VOCAB_MULTIPLE on CUDA, whose kernels are faster on such shapes; 1, no padding, elsewhere: on a
+    CPU the padded copy of W only costs memory); the padded columns are set to -inf before the
+    softmax, so they add nothing to the loss or the gradients (exact). The weight keeps its [V, C]
+    shape, so checkpoints do not change.
     Under autocast the matmuls run in its dtype and the softmax in fp32, as F.cross_entropy does.
     """
+    if pad_to is None:
+        pad_to = VOCAB_MULTIPLE if x.device.type == "cuda" else 1
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(x, weight, targets, chunk)
-    return _linear_cross_entropy(x, weight, targets, chunk, False, False)[0]
+        return LinearCrossEntropy.apply(x, weight, targets, chunk, pad_to)
+    return _linear_cross_entropy(x, weight, targets, chunk, pad_to, False, False)[0]
 
 
-def _linear_cross_entropy(x, weight, targets, chunk, grad_x, grad_w):
+def _linear_cross_entropy(x, weight, targets, chunk, pad_to, grad_x, grad_w):
     """(mean loss, dloss/dx (N, C) or None, dloss/dW (V, C) or None), `chunk` rows at a time."""
     N, V = x.shape[0], weight.shape[0]
-    Vp = -(-V // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    Vp = -(-V // pad_to) * pad_to
     if torch.is_autocast_enabled(x.device.type):  # cast first, so the padded copy is the cast one
         weight = weight.to(torch.get_autocast_dtype(x.device.type))
-    w = F.pad(weight, (0, 0, 0, Vp - V))  # (Vp, C), zero rows at the end
+    w = F.pad(weight, (0, 0, 0, Vp - V)) if Vp > V else weight  # (Vp, C), zero rows at the end
     keep = targets != -1  # (N,)
     count = keep.sum()  # a device tensor: no host synchronisation
     loss = torch.zeros((), device=x.device, dtype=torch.float32)
@@ -215,8 +218,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     """linear_cross_entropy with autograd: the gradients come from the forward (see there)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk):
-        loss, gx, gw = _linear_cross_entropy(x, weight, targets, chunk, ctx.needs_input_grad[0],
+    def forward(ctx, x, weight, targets, chunk, pad_to):
+        loss, gx, gw = _linear_cross_entropy(x, weight, targets, chunk, pad_to, ctx.needs_input_grad[0],
                                              ctx.needs_input_grad[1])
         ctx.save_for_backward(gx, gw)
         return loss
@@ -225,7 +228,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         gx, gw = ctx.saved_tensors
         return (gx * grad_loss if gx is not None else None, gw * grad_loss if gw is not None else None,
-                None, None)
+                None, None, None)
 
 
 class GPT(nn.Module):

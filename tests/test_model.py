@@ -110,8 +110,8 @@ def test_loss_ignores_minus_one():
 
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 40, 1000])
-def test_linear_cross_entropy_equals_cross_entropy(chunk):
+@pytest.mark.parametrize("chunk,pad_to", [(1, 64), (7, 64), (40, 1), (1000, 64), (7, None)])
+def test_linear_cross_entropy_equals_cross_entropy(chunk, pad_to):
     """The chunked head + loss (vocabulary padded, gradients made in the forward) gives the loss and
     the gradients of F.cross_entropy on the full logits, to float rounding, for any chunk size."""
     torch.manual_seed(0)
@@ -123,16 +123,16 @@ def test_linear_cross_entropy_equals_cross_entropy(chunk):
     ref = F.cross_entropy(x @ W.t(), targets, ignore_index=-1)
     gx, gw = torch.autograd.grad(2.5 * ref, (x, W))
     from model import linear_cross_entropy
-    loss = linear_cross_entropy(x, W, targets, chunk)
+    loss = linear_cross_entropy(x, W, targets, chunk, pad_to)
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
     ours = torch.autograd.grad(2.5 * loss, (x, W))  # the incoming gradient (2.5) is applied
     torch.testing.assert_close(ours[0], gx, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(ours[1], gw, atol=1e-6, rtol=1e-5)
     W.requires_grad_(False)  # a frozen head (PEFT): only x gets a gradient
-    (only_x,) = torch.autograd.grad(2.5 * linear_cross_entropy(x, W, targets, chunk), (x,))
+    (only_x,) = torch.autograd.grad(2.5 * linear_cross_entropy(x, W, targets, chunk, pad_to), (x,))
     torch.testing.assert_close(only_x, gx, atol=1e-6, rtol=1e-5)
     with torch.no_grad():  # evaluation: no gradient work at all
-        torch.testing.assert_close(linear_cross_entropy(x, W, targets, chunk), ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(linear_cross_entropy(x, W, targets, chunk, pad_to), ref, atol=1e-6, rtol=1e-6)
 
 
 
@@ -146,7 +146,7 @@ def test_linear_cross_entropy_under_autocast():
     from model import linear_cross_entropy
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = F.cross_entropy(F.linear(x, W), targets)
-        loss = linear_cross_entropy(x, W, targets, 7)
+        loss = linear_cross_entropy(x, W, targets, 7, pad_to=64)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
     for ours, theirs in zip(torch.autograd.grad(loss, (x, W)), torch.autograd.grad(ref, (x, W))):
