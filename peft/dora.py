@@ -44,6 +44,9 @@ from peft.slices import qkv_rows
 class DoRALinear(LoRALinear):
     """y = (m / ‖W + sBA‖_row) ⊙ (x Wᵀ + s·(x Aᵀ)Bᵀ) + b — see the module docstring."""
 
+    name = "dora"
+    title = "DoRA"
+    bench_goal_vs_lora = 1.15
     supports_quantize = True
     lora_plus_params = ("lora_B", "lora_magnitude")  # LoRA+: m goes with B, as in HF peft
 

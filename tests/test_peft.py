@@ -16,40 +16,16 @@ import peft  # noqa: E402
 from errors import UserError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from peft import quant  # noqa: E402
+from conftest import PEFT_BLOCK as BLOCK, batch, randomize, tiny_gpt  # noqa: E402
 
 ADAPTER_METHODS = [m for m in peft.METHODS if m != "full"]
 QUANTIZABLE = [m for m in ADAPTER_METHODS if peft.METHODS[m].supports_quantize]
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-VOCAB, BLOCK = 97, 32
-
-
-def tiny_gpt(seed=0, n_embd=32):
-    """A random tiny GPT with non-zero biases and LayerNorms (so layout mistakes show)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=n_embd))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def config(method, **kw):
     kw = dict(dict(r=4, oft_block_size=8, ether_nb=4), **kw)
     return peft.PeftConfig(method=method, **kw)
-
-
-@torch.no_grad()
-def randomize(model, seed=1, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(std * torch.randn(p.shape, generator=g).to(p))
-
-
-def batch(seed=2, B=2, T=16):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (B, T), generator=g), torch.randint(0, VOCAB, (B, T), generator=g)
 
 
 def logits(model, idx, targets):
@@ -272,7 +248,7 @@ def test_bad_inject(kwargs, match):
 @pytest.mark.parametrize("method", list(peft.METHODS))
 def test_targets_all_works_for_every_method_on_a_50257_token_head(method):
     """targets=all (config/quickstart.py) on a GPT with GPT-2's vocabulary: every method injects and
-    trains; lm_head is adapted except where peft.config.ALL_TARGETS says otherwise (olora, etherplusHH: lora3;
+    trains; lm_head is adapted except where the layer class's all_targets says otherwise (olora, etherplusHH: lora3;
     ether: lora2)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=BLOCK, vocab_size=50257, n_layer=1, n_head=2, n_embd=32))
@@ -347,3 +323,112 @@ def test_torch_compile_fullgraph():
         for g, r in zip(grads, torch.autograd.grad(ref, params)):
             torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5, msg=method)
     torch._dynamo.reset()
+
+
+def test_every_method_describes_itself_on_its_layer_class():
+    """peft.METHODS is built from the layer classes: each names itself, and carries what the rest of
+    the repo reads (model card, HF export, bench.py goals, targets=None / all)."""
+    for name, cls in peft.METHODS.items():
+        if cls is None:
+            assert name == "full"
+            continue
+        assert cls.name == name
+        assert isinstance(cls.title, str) and cls.title
+        assert cls.all_targets in peft.PRESETS
+        assert cls.default_targets and all(isinstance(t, str) for t in cls.default_targets)
+        assert set(cls.config_fields) <= set(peft.config.DOMAINS)
+        assert cls.hf_peft_type in ("LORA", "IA3", None)
+        assert (cls.hf_peft_type is None) == isinstance(cls.no_hf_reason, str)
+        assert cls.bench_goal_vs_lora is None or cls.bench_goal_vs_lora >= 1
+    assert len({cls for cls in peft.METHODS.values()}) == len(peft.METHODS)  # one class per method
+
+
+NEW_METHOD = '''"""BitFit-style bias tuning, a method defined by tests/test_peft.py to prove that a new method is one
+file plus one registry line: y = x Wᵀ + (b + δ), δ [out] starts at 0."""
+
+import torch
+import torch.nn as nn
+
+from errors import UserError
+from peft.quant import dequantize, make_linear
+
+
+class BiasLinear(nn.Module):
+    """y = base(x) + δ. Owns the frozen base."""
+
+    name = "biasfit"
+    title = "BiasFit"
+    default_targets = ("c_attn",)
+    all_targets = "lora4"
+    config_fields = ("targets", "base_dtype")
+    supports_quantize = False
+    lora_plus_params = ()
+    hf_peft_type = None
+    no_hf_reason = "HF PEFT has no bias-only method, so the bias change is merged into the weights"
+    bench_goal_vs_lora = None
+
+    @classmethod
+    def hf_peft_counterpart(cls, cfg):
+        return None, cls.no_hf_reason, None
+
+    def __init__(self, base, cfg, slices=None):
+        super().__init__()
+        if slices:
+            raise UserError("biasfit adapts whole layers, not q/k/v slices")
+        self.base = base
+        self.bias_delta = nn.Parameter(torch.zeros(base.out_features, device=base.weight.device))  # [out]
+
+    def forward(self, x):
+        return self.base(x) + self.bias_delta
+
+    @torch.no_grad()
+    def merge(self):
+        bias = self.bias_delta if self.base.bias is None else self.base.bias.float() + self.bias_delta
+        return make_linear(dequantize(self.base), bias)
+'''
+
+
+def test_a_new_method_is_one_file_and_one_registry_line(tmp_path, base, data):
+    """Copy the repo, add peft/biasfit.py and its line in peft.METHODS (with its import), change
+    nothing else, and run the new method through every script a user would: train.py, sample.py,
+    push_to_hub.py --dry_run, compare.py --dry_run and bench.py's argument checks."""
+    import shutil
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = tmp_path / "repo"
+    skip = shutil.ignore_patterns(".git", ".venv", "__pycache__", "out-*", "assets", "*.bin", ".pytest_cache")
+    shutil.copytree(root, repo, ignore=skip)
+    (repo / "peft" / "biasfit.py").write_text(NEW_METHOD)
+    init = (repo / "peft" / "__init__.py").read_text()
+    assert init.count("    IA3Linear,") == 1
+    init = init.replace("    IA3Linear,", "    IA3Linear,\n    BiasLinear,", 1)  # the registry line ...
+    init = init.replace("from peft.ia3 import", "from peft.biasfit import BiasLinear\nfrom peft.ia3 import", 1)  # ... and its import
+    (repo / "peft" / "__init__.py").write_text(init)
+
+    def run(*args):
+        p = subprocess.run([sys.executable, *args], cwd=repo, capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert p.returncode == 0, f"{args[0]}: {p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+        return p
+
+    out = tmp_path / "out"
+    train = [f"--init_from={base}", f"--dataset={data}", "--batch_size=2", "--block_size=16", "--max_iters=4",
+             "--eval_interval=4", "--eval_iters=1", "--warmup_iters=1", "--lr_decay_iters=4", "--device=cpu",
+             "--compile=false", "--method=biasfit"]
+    p = run("train.py", *train, f"--out_dir={out}")
+    assert "biasfit" in p.stdout
+    run("sample.py", f"--out_dir={out}", "--max_new_tokens=4", "--num_samples=1", "--start=a", "--device=cpu")
+    p = run("push_to_hub.py", f"--out_dir={out}", "--repo_id=someone/tiny-biasfit", "--dry_run=true",
+            f"--save_dir={tmp_path / 'export'}")
+    assert (tmp_path / "export" / "README.md").exists()
+    (tmp_path / "train_tiny.py").write_text(f"init_from = {base!r}\ndataset = {data!r}\ndevice = 'cpu'\n"
+                                            f"compile = False\nbatch_size = 2\nblock_size = 16\n")
+    (tmp_path / "grid.py").write_text(f"base_config = {str(tmp_path / 'train_tiny.py')!r}\ncommon = dict(max_iters=4)\n"
+                                      f"runs = [('bias', dict(method='biasfit')), "
+                                      f"('bias-all', dict(method='biasfit', targets=('all',), learning_rate=(1e-3, 1e-2)))]\n")
+    p = run("compare.py", str(tmp_path / "grid.py"), f"--out_dir={tmp_path / 'grid'}", "--dry_run=true")
+    assert p.stdout.count("--method=biasfit") == 3, p.stdout
+    # bench.py: every key's rule passes (the method's too), then a check after them stops it before any work
+    p = subprocess.run([sys.executable, "bench.py", "--method=biasfit", "--seq_len=64", "--block_size=32"], cwd=repo,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and p.stderr.startswith("error: seq_len=64 is longer than block_size=32"), p.stderr
