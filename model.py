@@ -134,6 +134,90 @@ class Block(nn.Module):
         return x
 
 
+# --- the loss without the logits ---------------------------------------------------------------
+LOSS_CHUNK = 1024  # tokens per chunk in linear_cross_entropy: (1024, 50304) fp32 logits = 206 MB
+VOCAB_MULTIPLE = 64  # on CUDA the head matmul runs on the vocabulary padded to this (50257 -> 50304)
+
+
+def linear_cross_entropy(x, weight, targets, chunk=LOSS_CHUNK, pad_to=None):
+    """Mean cross-entropy of the logits x Wᵀ, without ever holding all of them.
+
+    x (N, C) the final hidden states, weight (V, C) the head (lm_head = wte), targets (N,) with -1
+    for positions that are not scored. Equals F.cross_entropy(x @ W.T, targets, ignore_index=-1)
+    to float rounding, gradients included, but the (N, V) logits — 3.3 GB in fp32 for 16 × 1024
+    tokens of GPT-2 — exist only one chunk of `chunk` tokens at a time.
+
+    How: the loss is the last thing the model computes, so its gradient with respect to the chunk's
+    logits is known in the forward already, softmax(logits) - onehot(target) (divided by the number
+    of scored positions). Each chunk turns it into its share of the gradients of x (that chunk's
+    rows) and of W (a sum over chunks) right away, and drops the logits; backward only multiplies
+    the stored gradients by the incoming one. No recompute, so the flops are those of the plain
+    path: one head matmul forward, two backward.
+    Vocabulary padding: the matmul runs on W padded with zero rows to a multiple of pad_to (default
+    VOCAB_MULTIPLE on CUDA, whose kernels are faster on such shapes; 1, no padding, elsewhere: on a
+    CPU the padded copy of W only costs memory); the padded columns are set to -inf before the
+    softmax, so they add nothing to the loss or the gradients (exact). The weight keeps its [V, C]
+    shape, so checkpoints do not change.
+    Under autocast the matmuls run in its dtype and the softmax in fp32, as F.cross_entropy does.
+    """
+    if pad_to is None:
+        pad_to = VOCAB_MULTIPLE if x.device.type == "cuda" else 1
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(x, weight, targets, chunk, pad_to)
+    return _linear_cross_entropy(x, weight, targets, chunk, pad_to, False, False)[0]
+
+
+def _linear_cross_entropy(x, weight, targets, chunk, pad_to, grad_x, grad_w):
+    """(mean loss, dloss/dx (N, C) or None, dloss/dW (V, C) or None), `chunk` rows at a time."""
+    N, V = x.shape[0], weight.shape[0]
+    Vp = -(-V // pad_to) * pad_to
+    if torch.is_autocast_enabled(x.device.type):  # cast first, so the padded copy is the cast one
+        weight = weight.to(torch.get_autocast_dtype(x.device.type))
+    w = F.pad(weight, (0, 0, 0, Vp - V)) if Vp > V else weight  # (Vp, C), zero rows at the end
+    keep = targets != -1  # (N,)
+    count = keep.sum()  # a device tensor: no host synchronisation
+    loss = torch.zeros((), device=x.device, dtype=torch.float32)
+    gx = torch.empty_like(x) if grad_x else None  # (N, C)
+    gw = torch.zeros(Vp, x.shape[1], device=x.device, dtype=torch.float32) if grad_w else None  # (Vp, C)
+    for start in range(0, N, chunk):
+        xc, kc = x[start:start + chunk], keep[start:start + chunk]  # (n, C), (n,)
+        tc = targets[start:start + chunk].clamp(min=0)[:, None]  # (n, 1), ignored rows point at 0
+        logits = F.linear(xc, w).float()  # (n, Vp)
+        logits[:, V:] = float("-inf")  # padding: probability 0
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+        nll = lse - logits.gather(1, tc)  # (n, 1) = -log p(target)
+        loss = loss + torch.where(kc[:, None], nll, 0.0).sum()
+        if grad_x or grad_w:
+            g = logits.sub_(lse).exp_()  # (n, Vp) softmax, in place of the logits
+            g.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=g.dtype))  # - onehot(target)
+            g.mul_(kc[:, None])  # ignored rows give no gradient
+            if grad_x:
+                gx[start:start + chunk] = g.to(w.dtype) @ w  # (n, C)
+            if grad_w:
+                gw += g.to(xc.dtype).t() @ xc  # (Vp, C)
+    loss = loss / count
+    gx = gx.div_(count) if grad_x else None
+    gw = gw[:V].div_(count) if grad_w else None  # in place: no second (V, C) copy
+    return loss, gx, gw
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """linear_cross_entropy with autograd: the gradients come from the forward (see there)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk, pad_to):
+        loss, gx, gw = _linear_cross_entropy(x, weight, targets, chunk, pad_to, ctx.needs_input_grad[0],
+                                             ctx.needs_input_grad[1])
+        ctx.save_for_backward(gx, gw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        gx, gw = ctx.saved_tensors
+        return (gx * grad_loss if gx is not None else None, gw * grad_loss if gw is not None else None,
+                None, None, None)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -184,13 +268,16 @@ class GPT(nn.Module):
         """An empty KV cache sized for this model (batch size and dtype are set by the first call)."""
         return KVCache(self.config.n_layer, self.config.block_size)
 
-    def forward(self, idx, targets=None, kv_cache=None, reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, reduction="mean", return_logits=True):
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T): logits (B, T, V) and the mean cross-entropy over positions whose target
         is not -1 (reduction="none": the per-position cross-entropy (B, T), 0 where the target is -1,
         which is what eval.py scores with). Without: logits (B, 1, V) of the last position only and
         loss None.
+        return_logits=False (training: train.py, bench.py) with targets and reduction="mean": logits
+        None, and the loss of a plain lm_head comes from linear_cross_entropy, which never holds the
+        (B, T, V) logits (same loss and gradients; an adapter on lm_head takes the logits path).
         With a kv_cache the T tokens continue the cached ones: they sit at positions
         pos..pos+T-1, attend to the cached keys/values, and are appended to the cache.
         """
@@ -208,7 +295,11 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         if kv_cache is not None:
             kv_cache.pos += T
-        if targets is not None:
+        if targets is not None and not return_logits and reduction == "mean" and type(self.lm_head) is nn.Linear:
+            # training: the loss without the (B, T, V) logits (see linear_cross_entropy)
+            logits = None
+            loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        elif targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                    reduction=reduction)

@@ -348,7 +348,7 @@ def estimate_loss():
         for k in bar:
             X, Y = get_batch(split, -1, k)  # step -1: the fixed evaluation batches
             with ctx:
-                _, loss = model(X, Y)
+                _, loss = model(X, Y, return_logits=False)
             total += torch.stack([loss.float(), torch.ones((), device=device)])
         if ddp:
             dist.all_reduce(total)
@@ -489,7 +489,7 @@ while True:
         if ddp:  # sync gradients only on the last micro-step
             model.require_backward_grad_sync = micro == accum_per_rank - 1
         with ctx:
-            _, loss = model(X, Y)
+            _, loss = model(X, Y, return_logits=False)
             loss = loss / accum_per_rank
         # prefetch the next batch while the backward runs (async on CUDA)
         nxt = (iter_num, ddp_rank * accum_per_rank + micro + 1) if micro + 1 < accum_per_rank else (iter_num + 1, ddp_rank * accum_per_rank)

@@ -28,6 +28,7 @@ from peft.ether import ETHERLinear, ETHERPlusHHLinear, ETHERPlusLinear
 from peft.ia3 import IA3Linear
 from peft.lora import LoRALinear, OLoRALinear, PiSSALinear
 from peft.oft import OFTLinear
+from peft.slices import QKV
 
 __all__ = ["METHODS", "PeftConfig", "inject", "merge", "adapter_state_dict", "load_adapter_state_dict",
            "count_parameters", "adapter_layers", "lr_scales", "title", "PRESETS"]
@@ -43,7 +44,6 @@ METHODS = {"full": None} | {cls.name: cls for cls in (  # "full": fine-tune ever
     ETHERPlusHHLinear,  # ETHER+, both sides of the weight
     IA3Linear,          # Liu et al. 2022, learned scaling of activations
 )}
-QKV = ("q", "k", "v")
 
 
 def adapter_layers(model):
@@ -135,7 +135,7 @@ def merge(model):
     nn.Linear (4-bit and low-precision bases dequantized), every parameter trainable, and the
     model computes what the adapted model computed. Returns the model.
     An adapter on lm_head unties it from transformer.wte (only the head changed), so a merged
-    lora4 model has its own lm_head.weight (GPT.save_hf then writes it)."""
+    lora4 model has its own lm_head.weight (hf_gpt2.save then writes it)."""
     adapters = [name for name, _ in adapter_layers(model)]
     for name in adapters:
         model.set_submodule(name, model.get_submodule(name).merge())

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from peft.lora import LoRALinear
 from peft.quant import dequantize, make_linear
+from peft.slices import qkv_rows
 
 
 class DoRALinear(LoRALinear):
@@ -65,9 +66,8 @@ class DoRALinear(LoRALinear):
         """f = m / norm for the adapted rows, 1 for the rows of slices that are not adapted."""
         if self.slices is None:
             return self.lora_magnitude / norm  # [out]
-        f = torch.ones_like(norm).view(3, -1)  # (row block, row)
-        f = f.index_put((self.slice_rows,), self.lora_magnitude / norm.view(3, -1)[self.slice_rows])
-        return f.view(-1)  # [out]
+        f = self.lora_magnitude / norm.view(3, -1)[self.slice_rows]  # (n, d), the adapted rows
+        return qkv_rows(f, self.slices, 1.0).view(-1)  # [out]
 
     def forward(self, x):
         with torch.no_grad():
@@ -75,19 +75,18 @@ class DoRALinear(LoRALinear):
         f = self.row_scale(norm)  # [out], gradient flows to m
         bias = self.base.bias
         y = self.base(x)  # (..., out) = x Wᵀ + b
-        if bias is not None:
-            y = y - bias  # x Wᵀ
         dropping = self.training and isinstance(self.lora_dropout, nn.Dropout)
         xd = self.lora_dropout(x) if dropping else x  # x̃
-        lora = F.linear(F.linear(xd, self.lora_A) * self.scale, self.full_B())  # s·(x̃ Aᵀ)Bᵀ
-        if not dropping:  # y = f ⊙ (x Wᵀ + s·(x Aᵀ)Bᵀ) + b
-            out = f * (y + lora)
-        else:  # HF's dropout semantics: x Wᵀ + (f − 1) ⊙ x̃ Wᵀ + f ⊙ s·(x̃ Aᵀ)Bᵀ + b
-            yd = self.base(xd)
-            if bias is not None:
-                yd = yd - bias
-            out = y + (f - 1) * yd + f * lora
-        return out if bias is None else out + bias
+        # f ⊙ s·(x̃ Aᵀ)Bᵀ with f and s folded into B ([out, n·r], weight-side, not per token)
+        lora = F.linear(F.linear(xd, self.lora_A), (self.scale * f)[:, None] * self.full_B())
+        if not dropping:  # y = f ⊙ (x Wᵀ + s·(x Aᵀ)Bᵀ) + b = f ⊙ (x Wᵀ + b) + (1 − f) ⊙ b + f ⊙ s·(x Aᵀ)Bᵀ
+            scaled = f * y if bias is None else torch.addcmul(bias - f * bias, f, y)  # one pass over y
+            return scaled + lora
+        # HF's dropout semantics: x Wᵀ + b + (f − 1) ⊙ x̃ Wᵀ + f ⊙ s·(x̃ Aᵀ)Bᵀ
+        yd = self.base(xd)
+        if bias is not None:
+            yd = yd - bias
+        return torch.addcmul(y, f - 1, yd) + lora
 
     @torch.no_grad()
     def merge(self):

@@ -31,8 +31,7 @@ Which side, as in the reference:
   path (the reference's own note): one block-diagonal H over all 3d outputs whose blocks on the
   slices not chosen are the identity. A block with û = v̂ = 0 *is* the identity in the formulas
   below, so the chosen slices' unit vectors are simply padded with zero blocks.
-  With etherplusHH every chosen slice also gets its own input-side H (W_s' = H_out,s W_s H_in,s),
-  computed as a batched matmul over the 3 slices with the slice's rotated input.
+  With etherplusHH every chosen slice also gets its own input-side H (W_s' = H_out,s W_s H_in,s).
 - any other layer (or the whole c_attn): input side, W' = W · blockdiag(H).
 - flip_side moves the one-sided H to the output side when out_features < in_features (the smaller
   side: fewer parameters and less work, e.g. mlp.c_proj 4C -> C). It has no effect on square
@@ -47,10 +46,15 @@ Bias. W' replaces W and the bias stays as it is (the reference calls F.linear(x,
 output side y = (x Wᵀ) H + b = H applied to the bias-free output, plus b. (H is symmetric, so
 the row-vector form z H equals H z.) The input side leaves the bias alone by construction.
 
-Cost. Nothing dense is built in the forward: a block acts on a row vector z as
+Cost. No dense (dim × dim) H is ever built: a block acts on a row vector z as
     ETHER:   z H_i = z - 2 (z·û) û            ETHER+:   z H_i = z - (z·û) û + (z·v̂) v̂
-which is O(dim) per token; the frozen base matmul runs once, as usual. merge() applies the same
-maps to the rows (input side) or columns (output side) of W.
+One-sided methods apply it to each token (O(dim) per token: x H_in before the frozen base matmul,
+or (x Wᵀ) H_out after it). etherplusHH instead builds W' = H_out W H_in once per step
+(adapted_weight: W's blocks times the small b×b blocks of H, O(out·in·b), independent of the
+number of tokens) and runs one plain x W'ᵀ: the per-token form would need a rotated copy of x
+for every q/k/v slice and a batched matmul over them, which on a GPU costs more in memory traffic
+than the weight-side form's extra weight-gradient matmul (W' needs ∂L/∂W' = gᵀx for the vectors'
+gradients). merge() uses the same adapted_weight().
 
 Parameters per layer (independent of nb): ETHER dim, ETHER+ 2·dim, etherplusHH 2(in + out), with
 dim the adapted side (d per chosen slice for q/k/v). Names: ether_u_in / ether_u_out (and
@@ -66,9 +70,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
-from peft.quant import dequantize
-
-SLICES = ("q", "k", "v")
+from peft.quant import dequantize, make_linear
+from peft.slices import QKV, qkv_rows
 
 
 def divisors(n):
@@ -101,7 +104,7 @@ class ETHERLinear(nn.Module):
         if slices is not None:
             if d_out != 3 * d_in:
                 raise UserError(f"q/k/v slices need the fused c_attn [3d, d], got a layer [{d_out}, {d_in}]")
-            self.slices = tuple(s for s in SLICES if s in slices)  # q, k, v order
+            self.slices = tuple(s for s in QKV if s in slices)  # q, k, v order
             self.sides = ("in", "out") if two_sided else ("out",)
             dims = {"in": d_in, "out": d_in}  # each slice is [d, d]
         else:
@@ -136,8 +139,7 @@ class ETHERLinear(nn.Module):
         for name in self.vectors:
             w = F.normalize(getattr(self, f"ether_{name}_{side}"), dim=-1)
             if self.slices is not None:
-                zero = w.new_zeros(w.shape[1:])
-                w = torch.stack([w[self.slices.index(s)] if s in self.slices else zero for s in SLICES])
+                w = qkv_rows(w, self.slices, 0.0)  # (3, nb, b)
             out.append(w)
         return out
 
@@ -150,53 +152,49 @@ class ETHERLinear(nn.Module):
         x = self.drop(x)
         W, bias = self.base.weight, self.base.bias
         lead, nb = x.shape[:-1], self.nb
-        if self.slices is None:
-            if "in" in self.sides:
-                vecs = [w.to(x.dtype) for w in self.unit_vectors("in")]
-                x = self.apply_h(x.reshape(*lead, nb, -1), vecs).reshape(x.shape)  # x H_in
-            if "out" not in self.sides:
-                return self.base(x)
-            z = F.linear(x.to(W.dtype), W).to(x.dtype)  # (..., out), bias-free
-            vecs = [w.to(z.dtype) for w in self.unit_vectors("out")]
-            z = self.apply_h(z.reshape(*lead, nb, -1), vecs).reshape(z.shape)  # z H_out
+        if self.two_sided:  # etherplusHH: W' = H_out W H_in once per step, then one matmul
+            z = F.linear(x.to(W.dtype), self.adapted_weight().to(W.dtype)).to(x.dtype)  # (..., out)
             return z + bias.to(z.dtype) if bias is not None else z
-        # q/k/v slices of the fused c_attn, W [3d, d]
-        d = W.shape[1]
-        if "in" in self.sides:
-            # etherplusHH: every slice s sees its own input x H_in,s (identity for slices not adapted)
-            vecs = [w.to(x.dtype) for w in self.unit_vectors("in")]  # (3, nb, b)
-            xs = self.apply_h(x.reshape(*lead, 1, nb, -1), vecs).reshape(*lead, 3, d)  # (..., 3, d)
-            Ws = W.view(3, d, d)  # (slice, out row, in)
-            z = torch.einsum("...si,soi->...so", xs.to(W.dtype), Ws).to(x.dtype).reshape(*lead, 3 * d)
-        else:
-            z = F.linear(x.to(W.dtype), W).to(x.dtype)  # (..., 3d), bias-free
-        vecs = [w.to(z.dtype) for w in self.unit_vectors("out")]  # (3, nb, b)
-        z = self.apply_h(z.reshape(*lead, 3, nb, -1), vecs).reshape(z.shape)  # z H_out, per slice
+        if self.sides == ("in",):  # whole layer, input side: x H_in, then the base
+            vecs = [w.to(x.dtype) for w in self.unit_vectors("in")]
+            return self.base(self.apply_h(x.reshape(*lead, nb, -1), vecs).reshape(x.shape))
+        # output side, of the whole layer (flip_side) or of each q/k/v slice of the fused c_attn
+        z = F.linear(x.to(W.dtype), W).to(x.dtype)  # (..., out), bias-free
+        vecs = [w.to(z.dtype) for w in self.unit_vectors("out")]  # (nb, b), or (3, nb, b) for slices
+        blocks = (nb, -1) if self.slices is None else (3, nb, -1)
+        z = self.apply_h(z.reshape(*lead, *blocks), vecs).reshape(z.shape)  # z H_out
         return z + bias.to(z.dtype) if bias is not None else z
 
-    @torch.no_grad()
-    def merge(self):
-        """A plain fp32 nn.Linear with W' = H_out W H_in (the sides this layer adapts), same bias."""
+    def h_blocks(self, side):
+        """The blocks H_i of one side as matrices: (nb, b, b), or (3, nb, b, b) for q/k/v slices
+        (identity blocks on the slices not adapted). Built by applying H to the rows of I (H is
+        symmetric, so I H = H): small, O(dim·b)."""
+        vecs = [w.unsqueeze(-2) for w in self.unit_vectors(side)]  # (..., nb, 1, b)
+        eye = torch.eye(self.block[side], device=vecs[0].device, dtype=vecs[0].dtype)  # (b, b)
+        return self.apply_h(eye, vecs)  # (..., nb, b, b)
+
+    def adapted_weight(self):
+        """W' = H_out W H_in [out, in] in float32 (the sides this layer adapts): a batched matmul of
+        W's blocks with the small H blocks, O(out·in·b), no dense H. Used by etherplusHH's forward
+        (gradients flow to the vectors) and by merge."""
         W = dequantize(self.base)
         d_out, d_in = W.shape
         nb = self.nb
         if self.slices is None:
-            if "in" in self.sides:  # every row of W times H_in
-                W = self.apply_h(W.view(d_out, nb, -1), self.unit_vectors("in")).reshape(d_out, d_in)
-            if "out" in self.sides:  # H_out W = (Wᵀ H_out)ᵀ, H symmetric
-                Wt = self.apply_h(W.t().reshape(d_in, nb, -1), self.unit_vectors("out"))
-                W = Wt.reshape(d_in, d_out).t()
-        else:
-            if "in" in self.sides:  # rows of slice s times H_in,s
-                vecs = [w[:, None] for w in self.unit_vectors("in")]  # (3, 1, nb, b)
-                W = self.apply_h(W.view(3, d_in, nb, -1), vecs).reshape(d_out, d_in)
-            Wt = self.apply_h(W.t().reshape(d_in, 3, nb, -1), self.unit_vectors("out"))  # (in, 3, nb, b)
-            W = Wt.reshape(d_in, d_out).t()
-        merged = nn.Linear(d_in, d_out, bias=self.base.bias is not None, device=W.device)
-        merged.weight.copy_(W)
-        if self.base.bias is not None:
-            merged.bias.copy_(self.base.bias.float())
-        return merged
+            if "in" in self.sides:  # W H_in: every row's block j times H_j
+                W = torch.einsum("onj,njk->onk", W.view(d_out, nb, -1), self.h_blocks("in")).reshape(d_out, d_in)
+            if "out" in self.sides:  # H_out W: block i of rows times H_i
+                W = (self.h_blocks("out") @ W.view(nb, -1, d_in)).reshape(d_out, d_in)
+        else:  # slice s: H_out,s W_s H_in,s
+            if "in" in self.sides:
+                W = torch.einsum("sonj,snjk->sonk", W.view(3, d_in, nb, -1), self.h_blocks("in")).reshape(d_out, d_in)
+            W = (self.h_blocks("out") @ W.view(3, nb, -1, d_in)).reshape(d_out, d_in)
+        return W
+
+    @torch.no_grad()
+    def merge(self):
+        """A plain fp32 nn.Linear with W' = H_out W H_in (the sides this layer adapts), same bias."""
+        return make_linear(self.adapted_weight(), self.base.bias)
 
     def extra_repr(self):
         return f"nb={self.nb}, sides={self.sides}, slices={self.slices}"

@@ -35,9 +35,8 @@ import torch
 import torch.nn as nn
 
 from errors import UserError
-from peft.quant import dequantize
-
-SLICES = ("q", "k", "v")
+from peft.quant import dequantize, make_linear
+from peft.slices import QKV, qkv_rows
 
 
 class IA3Linear(nn.Module):
@@ -70,7 +69,7 @@ class IA3Linear(nn.Module):
             if base.out_features != 3 * d:
                 raise UserError(f"q/k/v slices need the fused c_attn [3d, d], got a layer "
                                 f"[{base.out_features}, {base.in_features}]")
-            self.slices = tuple(s for s in SLICES if s in slices)  # q, k, v order
+            self.slices = tuple(s for s in QKV if s in slices)  # q, k, v order
             n = len(self.slices) * d
         else:
             n = base.in_features if feedforward else base.out_features
@@ -80,15 +79,7 @@ class IA3Linear(nn.Module):
         """The full scaling vector: [in] for input scaling, else [out] (ones on unadapted slices)."""
         if self.slices is None:
             return self.ia3_l
-        d = self.base.in_features
-        pieces = []
-        for s in SLICES:
-            if s in self.slices:
-                i = self.slices.index(s)
-                pieces.append(self.ia3_l[i * d:(i + 1) * d])
-            else:
-                pieces.append(self.ia3_l.new_ones(d))
-        return torch.cat(pieces)  # (3d,)
+        return qkv_rows(self.ia3_l.view(len(self.slices), -1), self.slices, 1.0).view(-1)  # (3d,)
 
     def forward(self, x):
         if self.feedforward:
@@ -107,11 +98,7 @@ class IA3Linear(nn.Module):
         else:
             W = W * l[:, None]
             b = b * l if b is not None else None
-        merged = nn.Linear(W.shape[1], W.shape[0], bias=b is not None, device=W.device)
-        merged.weight.copy_(W)
-        if b is not None:
-            merged.bias.copy_(b)
-        return merged
+        return make_linear(W, b)
 
     @torch.no_grad()
     def hf_ia3_l(self):

@@ -60,8 +60,7 @@ import torch.nn.functional as F
 
 from errors import UserError
 from peft.quant import dequantize, make_linear
-
-QKV = ("q", "k", "v")
+from peft.slices import QKV, qkv_rows
 
 
 class LoRALinear(nn.Module):
@@ -108,7 +107,6 @@ class LoRALinear(nn.Module):
         if self.slices:  # where slice j's rows sit among c_attn's 3 row blocks (device-side indices)
             rows = torch.tensor([QKV.index(s) for s in self.slices], device=dev)
             self.register_buffer("slice_rows", rows, persistent=False)
-            self.register_buffer("slice_cols", torch.arange(n, device=dev), persistent=False)
         self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         if cfg.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)
@@ -123,9 +121,9 @@ class LoRALinear(nn.Module):
         if self.slices is None:
             return B  # [out, r]
         n, d, r = B.shape
-        full = B.new_zeros(3, d, n, r)  # (row block, row, adapter j, rank)
-        full[self.slice_rows, :, self.slice_cols] = B  # block (rows of slice j, columns of j) = B_j
-        return full.view(3 * d, n * r)
+        eye = torch.eye(n, device=B.device, dtype=B.dtype)
+        blocks = B[:, :, None, :] * eye[:, None, :, None]  # (adapter j, row, column block, rank): B_j at j
+        return qkv_rows(blocks, self.slices, 0.0).view(3 * d, n * r)  # (row block, row, j, rank)
 
     def forward(self, x):
         y = self.base(x)  # (..., out), no gradient for the frozen weight

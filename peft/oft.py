@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from errors import UserError
-from peft.quant import dequantize
+from peft.quant import dequantize, make_linear
 
 
 def divisors(n):
@@ -133,11 +133,7 @@ class OFTLinear(nn.Module):
         W = dequantize(self.base)
         Wb = W.view(W.shape[0], self.n_blocks, self.block_size)  # (out, nb, b)
         W_new = torch.einsum("onj,nij->oni", Wb, R).reshape(W.shape)
-        merged = nn.Linear(W.shape[1], W.shape[0], bias=self.base.bias is not None, device=W.device)
-        merged.weight.copy_(W_new)
-        if self.base.bias is not None:
-            merged.bias.copy_(self.base.bias.float())
-        return merged
+        return make_linear(W_new, self.base.bias)
 
     def extra_repr(self):
         return (f"block_size={self.block_size}, n_blocks={self.n_blocks}, block_share={self.block_share}, "

@@ -167,6 +167,39 @@ def test_etherplusHH_two_sided_formula():
     assert torch.allclose(layer(x), x @ (H_out @ W @ H_in).T + b, atol=1e-5)
 
 
+
+def per_token_hh(layer, x):
+    """etherplusHH as it was computed before the weight-side form: x H_in per token (one rotated
+    copy of x per q/k/v slice and a batched matmul), then (x Wᵀ) H_out per token."""
+    W, b, nb, lead = layer.base.weight, layer.base.bias, layer.nb, x.shape[:-1]
+    if layer.slices is None:
+        x = layer.apply_h(x.reshape(*lead, nb, -1), layer.unit_vectors("in")).reshape(x.shape)
+        z = x @ W.T
+        z = layer.apply_h(z.reshape(*lead, nb, -1), layer.unit_vectors("out")).reshape(z.shape)
+        return z + b
+    d = W.shape[1]
+    xs = layer.apply_h(x.reshape(*lead, 1, nb, -1), layer.unit_vectors("in")).reshape(*lead, 3, d)
+    z = torch.einsum("...si,soi->...so", xs, W.view(3, d, d)).reshape(*lead, 3 * d)
+    z = layer.apply_h(z.reshape(*lead, 3, nb, -1), layer.unit_vectors("out")).reshape(z.shape)
+    return z + b
+
+
+@pytest.mark.parametrize("shape,slices", [((16, 24), None), ((24, 8), None), ((8, 24), ("q", "v")),
+                                          ((8, 24), ("k",))])
+def test_etherplusHH_weight_side_equals_per_token(shape, slices):
+    """The forward builds W' = H_out W H_in once (weight-side): same output and same gradients
+    (vectors and input) as applying H_in and H_out to every token."""
+    layer = make_layer("etherplusHH", d_in=shape[0], d_out=shape[1], nb=4, slices=slices)
+    x = torch.randn(2, 5, shape[0], requires_grad=True)
+    g = torch.randn(2, 5, shape[1])
+    params = [x] + [p for p in layer.parameters() if p.requires_grad]
+    ours = layer(x)
+    ref = per_token_hh(layer, x)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad((ours * g).sum(), params), torch.autograd.grad((ref * g).sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_flip_side_moves_H_to_the_smaller_side():
     down = make_layer("ether", d_in=32, d_out=8, nb=2, flip_side=True)  # like mlp.c_proj 4C -> C
     assert down.sides == ("out",) and down.ether_u_out.shape == (2, 4)

@@ -95,6 +95,79 @@ def test_loss_ignores_minus_one():
     assert model.transformer.wte.weight.grad is not None
 
 
+
+@pytest.mark.parametrize("chunk,pad_to", [(1, 64), (7, 64), (40, 1), (1000, 64), (7, None)])
+def test_linear_cross_entropy_equals_cross_entropy(chunk, pad_to):
+    """The chunked head + loss (vocabulary padded, gradients made in the forward) gives the loss and
+    the gradients of F.cross_entropy on the full logits, to float rounding, for any chunk size."""
+    torch.manual_seed(0)
+    N, C, V = 40, 16, 101  # 101 is not a multiple of 64: the padded columns must not count
+    x = torch.randn(N, C, requires_grad=True)
+    W = torch.randn(V, C, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    targets[::3] = -1
+    ref = F.cross_entropy(x @ W.t(), targets, ignore_index=-1)
+    gx, gw = torch.autograd.grad(2.5 * ref, (x, W))
+    from model import linear_cross_entropy
+    loss = linear_cross_entropy(x, W, targets, chunk, pad_to)
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    ours = torch.autograd.grad(2.5 * loss, (x, W))  # the incoming gradient (2.5) is applied
+    torch.testing.assert_close(ours[0], gx, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours[1], gw, atol=1e-6, rtol=1e-5)
+    W.requires_grad_(False)  # a frozen head (PEFT): only x gets a gradient
+    (only_x,) = torch.autograd.grad(2.5 * linear_cross_entropy(x, W, targets, chunk, pad_to), (x,))
+    torch.testing.assert_close(only_x, gx, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # evaluation: no gradient work at all
+        torch.testing.assert_close(linear_cross_entropy(x, W, targets, chunk, pad_to), ref, atol=1e-6, rtol=1e-6)
+
+
+
+def test_linear_cross_entropy_under_autocast():
+    """Under bf16 autocast the head matmuls run in bf16 and the softmax in fp32, as F.cross_entropy
+    on autocast logits does: same loss, gradients to bf16 rounding, fp32 results."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, requires_grad=True)
+    W = torch.randn(101, 16, requires_grad=True)
+    targets = torch.randint(0, 101, (40,))
+    from model import linear_cross_entropy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(x, W), targets)
+        loss = linear_cross_entropy(x, W, targets, 7, pad_to=64)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    for ours, theirs in zip(torch.autograd.grad(loss, (x, W)), torch.autograd.grad(ref, (x, W))):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=2e-2)
+
+
+def test_training_loss_matches_transformers(hf_folder):
+    """model(x, y, return_logits=False), train.py's call: no logits, and the loss and gradients of
+    transformers' GPT2LMHeadModel (and of our own logits path) on the same weights."""
+    hf, st, _ = hf_folder
+    model = hf_gpt2.load(st)
+    torch.manual_seed(3)
+    idx = torch.randint(0, VOCAB, (3, 20))
+    targets = torch.randint(0, VOCAB, (3, 20))
+    targets[1, :6] = -1
+    logits, loss = model(idx, targets, return_logits=False)
+    assert logits is None
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    _, old = model(idx, targets)  # the logits path
+    old.backward()
+    torch.testing.assert_close(loss, old, atol=1e-6, rtol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+    hf = tiny_hf_model().train()  # the same weights as the folder; no dropout
+    ref = hf(idx, labels=targets.masked_fill(targets == -1, -100), shift_labels=targets.masked_fill(targets == -1, -100)).loss
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours["transformer.wte.weight"], hf.transformer.wte.weight.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours["transformer.h.0.attn.c_attn.weight"],
+                               hf.transformer.h[0].attn.c_attn.weight.grad.t(), atol=1e-5, rtol=1e-4)
+
+
 def test_cached_forward_matches_uncached(hf_folder):
     hf, st, _ = hf_folder
     model = hf_gpt2.load(st).eval()
