@@ -40,7 +40,7 @@ the other, the base model starred. Scores are kept in grid.json: a re-run scores
 Output folder (out_dir):
     grid.json           the grid's identity (fingerprints) and each run's measured segments
     results.json        per run: method, settings, train.py command, trainable parameters (count
-                        and % of the base), loss curves, final val loss and perplexity, peak
+                        and % of the base, as train.py records them in the checkpoint), loss curves, final val loss and perplexity, peak
                         memory, wall time, tokens/s; plus the device and this command
     results.csv         the same numbers, one row per run (results_curves.csv: the curves, long form)
     results.md          the table as Markdown, for the README (with --assets_dir: <assets_name>_results.md)
@@ -63,7 +63,6 @@ Wall time covers the whole process (start-up, model load, evals, checkpoints); t
 median of train.py's training throughput (evals excluded).
 """
 
-import ast
 import csv
 import difflib
 import hashlib
@@ -77,6 +76,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import checkpoint
@@ -261,22 +261,21 @@ def check_out_dir(grid):
 
 
 def train_defaults():
-    """train.py's keys and defaults, read from `train.py --help` (its public interface), and the
-    peak RSS of that process: Python and torch loaded, no model (the memory figure's baseline)."""
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--help"], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-    out = p.stdout.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    p.stdout.close()
+    """train.py's keys, defaults and declared rules, from `train.py --help=json` (configurator's
+    machine-readable --help), and the peak RSS of that process: Python and torch loaded, no model (the
+    memory figure's baseline)."""
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a chatty stderr cannot block the child
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--help=json"], stdout=subprocess.PIPE,
+                             stderr=err, text=True)
+        out = p.stdout.read()
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        p.stdout.close()
+        err.seek(0)
+        stderr_text = err.read()
     if p.returncode != 0:
-        raise UserError(f"`python train.py --help` failed (exit {p.returncode}): {out.strip().splitlines()[-1:]}")
-    keys, rules = {}, {}
-    for line in out.splitlines():
-        m = re.match(r"\s+--(\w+)\s*= (.*?)(?:  # (.*))?$", line)
-        if m:  # `--key = default  # valid values`: a grid is checked against train.py's own rules
-            keys[m.group(1)] = ast.literal_eval(m.group(2))
-            rules[m.group(1)] = configurator.parse_rule(m.group(3) or "")
+        raise UserError(f"`python train.py --help=json` failed (exit {p.returncode}): {stderr_text.strip().splitlines()[-1:]}")
+    keys, rules = configurator.read_help_json(out)  # a grid is checked against train.py's own rules
     missing = [k for k in list(TRAIN_KEYS) + list(OPTIMIZER_KEYS) + list(RESERVED_KEYS) if k not in keys]
     if missing:
         raise RuntimeError(f"train.py has no key(s) {', '.join(missing)}; compare.py and train.py disagree")
@@ -396,6 +395,13 @@ def run_status(plan):
     return ("done" if it >= plan["config"]["max_iters"] else "resume"), it
 
 
+def run_params(plan):
+    """{"trainable": n, "total": n} as train.py recorded them in the run's checkpoint, or None (no
+    checkpoint yet, or one written before train.py recorded them: grid.json then keeps what it has)."""
+    path = os.path.join(plan["config"]["out_dir"], checkpoint.CKPT_NAME)
+    return checkpoint.read_meta(path).get("params") if os.path.isfile(path) else None
+
+
 def start_fresh(plan, record):
     """A run without a checkpoint starts over: drop the curves and event files of an earlier start."""
     run_dir = plan["config"]["out_dir"]
@@ -433,9 +439,7 @@ def train_grid(plans, state):
         record["segments"].append({"from_iter": it, "to_iter": end_it, "wall_s": round(wall, 2),
                                    "peak_rss_mb": round(rss, 1), "exit_code": rc})
         record.pop("eval", None)  # new weights: score them again
-        m = re.search(r"method \S+: ([\d,]+) trainable parameters of ([\d,]+)", output)
-        if m:
-            record["params"] = {"trainable": int(m.group(1).replace(",", "")), "total": int(m.group(2).replace(",", ""))}
+        record["params"] = run_params(plan) or record["params"]
         outputs.write_json(grid_json, state)
         trained += 1
         log = os.path.join(out_dir, "logs", f"{name}.log")
