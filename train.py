@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import configurator
+import devices
 import errors
 import instruct
 import outputs
@@ -98,7 +98,7 @@ lr_decay_iters = 1000
 min_lr = 3e-5
 # system
 backend = ""  # DDP backend: '' = nccl on CUDA, gloo on CPU
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = devices.default_device()  # cuda when a GPU is present, else cpu
 dtype = "float32"  # 'float32', 'bfloat16' or 'float16' (autocast)
 compile = False
 seed = 1337
@@ -132,7 +132,7 @@ if decay_lr and min_lr > learning_rate:
     raise UserError(f"min_lr={min_lr} is above learning_rate={learning_rate}: the schedule decays to min_lr; lower --min_lr")
 if wandb_log and importlib.util.find_spec("wandb") is None:
     raise UserError("--wandb_log=true needs wandb (pip install wandb); or log with --tensorboard_log=true")
-device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+device_type = devices.device_type(device)  # cuda:1 -> cuda
 
 # DDP: one process per device, launched by torchrun
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -157,8 +157,8 @@ if master_process:
 
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+ptdtype = devices.TORCH_DTYPES[dtype]
+ctx = devices.autocast(device, dtype)  # float32: nothing; else torch.autocast to dtype
 
 # data: uint16 token shards. Plain text: a batch is batch_size random windows of block_size + 1 tokens.
 # Instruction data (data/guanaco|alpaca|lima, written with a parallel {split}_mask.bin, 1 = response token):
