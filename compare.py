@@ -40,8 +40,9 @@ the other, the base model starred. Scores are kept in grid.json: a re-run scores
 Output folder (out_dir):
     grid.json           the grid's identity (fingerprints) and each run's measured segments
     results.json        per run: method, settings, train.py command, trainable parameters (count
-                        and % of the base, as train.py records them in the checkpoint), loss curves, final val loss and perplexity, peak
-                        memory, wall time, tokens/s; plus the device and this command
+                        and % of the base, from the checkpoint's params), loss curves, final val
+                        loss and perplexity, peak memory, wall time, tokens/s; plus the device and
+                        this command
     results.csv         the same numbers, one row per run (results_curves.csv: the curves, long form)
     results.md          the table as Markdown, for the README (with --assets_dir: <assets_name>_results.md)
     compare_curves.png  training and validation loss of every run
