@@ -176,7 +176,11 @@ META_SCHEMA = {"config": dict, "peft": dict, "model_args": dict, "base": dict, "
                "best_val_loss": (int, float)}
 MODEL_ARGS_SCHEMA = {"n_layer": int, "n_head": int, "n_embd": int, "block_size": int, "vocab_size": int, "bias": bool}
 BASE_SCHEMA = {"init_from": str, "fingerprint": (str, type(None))}
-OPTIONAL_SCHEMA = {"optim_param_groups": list, "template": (str, type(None)), "data": dict, "tokens_seen": int}  # may be absent
+# may be absent (checkpoints written before train.py recorded them): defaults = train.py's own defaults,
+# params = {"trainable": n, "total": n}
+OPTIONAL_SCHEMA = {"optim_param_groups": list, "template": (str, type(None)), "data": dict, "tokens_seen": int,
+                   "defaults": dict, "params": dict}
+PARAMS_SCHEMA = {"trainable": int, "total": int}
 
 
 def _check_fields(path, where, d, schema, required=True):
@@ -199,6 +203,8 @@ def check_meta(path, meta):
     _check_fields(path, "model_args", meta["model_args"], MODEL_ARGS_SCHEMA)
     _check_fields(path, "base", meta["base"], BASE_SCHEMA)
     _check_fields(path, "base", meta["base"], {"path": (str, type(None)), "path_from_out_dir": (str, type(None))}, required=False)
+    if "params" in meta:
+        _check_fields(path, "params", meta["params"], PARAMS_SCHEMA)
     _check_fields(path, "config", meta["config"], {"dtype": str, "dataset": str}, required=False)
     if not all(meta["model_args"][k] > 0 for k in MODEL_ARGS_SCHEMA if k != "bias"):
         raise UserError(f"{path} has damaged metadata: model_args {meta['model_args']} has a size <= 0; restore the file or start a new run")

@@ -29,6 +29,10 @@ escapes the check. Every value is checked after all files and overrides are appl
 script does anything, and a value outside its domain stops with one line that names the key, the
 value, where it was set and the valid range.
 
+`--help` lists every key with its default and rule; `--help=json` prints the same as one JSON object,
+{key: {"default": value, "rule": text}}, for programs (compare.py reads train.py's keys this way; a
+tuple default is a JSON list, read_help_json turns it back, and parse_rule reads each rule's text).
+
 Unknown keys, wrong types and broken config files stop with one line (errors.UserError) that
 names the key or the line and says how to fix it. A script that reads only a few keys of another
 script's config files (push_to_hub.py reads out_dir from a training config) passes
@@ -38,6 +42,7 @@ still an error on the command line, where they can only be typos.
 
 import ast
 import difflib
+import json
 import math
 import os
 import re
@@ -192,6 +197,19 @@ def help_text(defaults, domains):
     return "\n".join(lines)
 
 
+def help_json(defaults, domains):
+    """--help=json: {key: {"default": value, "rule": text}} as one line of JSON (rule_text of each rule)."""
+    return json.dumps({k: {"default": v, "rule": rule_text(domains[k])} for k, v in defaults.items()})
+
+
+def read_help_json(text):
+    """The inverse of help_json: (defaults {key: value}, rules {key: rule}) with tuple defaults as tuples
+    again (JSON has only lists) and each rule as parse_rule reads it (ANY for what only the script checks)."""
+    keys = json.loads(text)
+    defaults = {k: tuple(v["default"]) if isinstance(v["default"], list) else v["default"] for k, v in keys.items()}
+    return defaults, {k: parse_rule(v["rule"]) for k, v in keys.items()}
+
+
 def configure(defaults, argv, domains, ignore_unknown_from_files=False):
     """Apply config files and --key=value overrides in order, check every value against `domains`
     ({key: rule}, one for each key of `defaults`), and return the final {key: value}.
@@ -204,6 +222,11 @@ def configure(defaults, argv, domains, ignore_unknown_from_files=False):
     for arg in argv:
         if arg in ("-h", "--help"):
             print(help_text(defaults, domains))
+            raise SystemExit(0)
+        if arg.startswith("--help="):
+            if arg != "--help=json":
+                raise UserError(f"'{arg}': write --help (a table) or --help=json (for programs)")
+            print(help_json(defaults, domains))
             raise SystemExit(0)
         if not arg.startswith("--"):
             _run_config_file(arg, config, defaults, origin, ignore_unknown_from_files)

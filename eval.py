@@ -85,6 +85,7 @@ from tqdm import tqdm
 
 import checkpoint
 import configurator
+import devices
 import errors
 import outputs
 import peft
@@ -109,7 +110,7 @@ bootstrap_iters = 100000  # lm-eval: bootstrap resamples for the stderr of non-m
 base = ""  # the base to merge into: for HF PEFT adapter folders ('' = the one their config names), and for training runs whose base folder moved
 out = "eval_results.json"  # JSON results, rewritten after each model
 overwrite = False  # replace an existing --out (only ever an earlier eval.py result)
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = devices.default_device()  # cuda when a GPU is present, else cpu
 dtype = "float32"  # 'float32', 'bfloat16' or 'float16' (autocast)
 # -----------------------------------------------------------------------------
 DEFAULTS = configurator.defaults_from(dict(globals()))
@@ -583,9 +584,7 @@ def fmt(column, value):
 
 def main(argv):
     c = SimpleNamespace(**configurator.configure(DEFAULTS, argv, DOMAINS))
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype]
-    device_type = "cuda" if c.device.startswith("cuda") else c.device
-    ctx = nullcontext() if c.dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    ctx = devices.autocast(c.device, c.dtype)  # float32: nothing; else torch.autocast to dtype
 
     # check and load everything that does not depend on the model first: a typo fails in seconds
     tm = task_manager(c.tasks, c.include_path) if c.tasks else None

@@ -13,12 +13,12 @@ next turn would begin ("### Human:", "### Instruction:"). Running the same comma
 
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
 import checkpoint
 import configurator
+import devices
 import errors
 import instruct
 import peft
@@ -37,7 +37,7 @@ temperature = 0.8  # 0 = greedy
 top_k = 200  # 0 = off
 top_p = 1.0  # nucleus sampling; 1.0 = off
 seed = 1337
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = devices.default_device()  # cuda when a GPU is present, else cpu
 dtype = "float32"  # 'float32', 'bfloat16' or 'float16'
 compile = False
 use_cache = True
@@ -58,9 +58,7 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 
 torch.manual_seed(seed)
-device_type = "cuda" if device.startswith("cuda") else device
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+ctx = devices.autocast(device, dtype)  # float32: nothing; else torch.autocast to dtype
 
 if init_from == "resume":
     tensors, meta = checkpoint.load(out_dir)  # one clear line if out_dir holds no checkpoint

@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import configurator
+import devices
 import errors
 import instruct
 import outputs
@@ -98,7 +98,7 @@ lr_decay_iters = 1000
 min_lr = 3e-5
 # system
 backend = ""  # DDP backend: '' = nccl on CUDA, gloo on CPU
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = devices.default_device()  # cuda when a GPU is present, else cpu
 dtype = "float32"  # 'float32', 'bfloat16' or 'float16' (autocast)
 compile = False
 seed = 1337
@@ -132,7 +132,7 @@ if decay_lr and min_lr > learning_rate:
     raise UserError(f"min_lr={min_lr} is above learning_rate={learning_rate}: the schedule decays to min_lr; lower --min_lr")
 if wandb_log and importlib.util.find_spec("wandb") is None:
     raise UserError("--wandb_log=true needs wandb (pip install wandb); or log with --tensorboard_log=true")
-device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+device_type = devices.device_type(device)  # cuda:1 -> cuda
 
 # DDP: one process per device, launched by torchrun
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -157,8 +157,8 @@ if master_process:
 
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+ptdtype = devices.TORCH_DTYPES[dtype]
+ctx = devices.autocast(device, dtype)  # float32: nothing; else torch.autocast to dtype
 
 # data: uint16 token shards. Plain text: a batch is batch_size random windows of block_size + 1 tokens.
 # Instruction data (data/guanaco|alpaca|lima, written with a parallel {split}_mask.bin, 1 = response token):
@@ -312,6 +312,7 @@ else:
 model_args = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")}
 model_vocab = model.config.vocab_size
 trainable, total = peft.count_parameters(model)
+params = {"trainable": trainable, "total": total}  # recorded in the checkpoint and metrics.jsonl (compare.py reads them)
 if master_process:
     print(f"method {method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
 model.to(device)
@@ -398,9 +399,11 @@ def save_checkpoint():
     if bad is not None:
         raise UserError(f"the weights became nan/inf by iter {iter_num} ({bad}); stopped without saving, so {ckpt_path} "
                         f"keeps the last good state. Lower --learning_rate or use --dtype=float32")
-    meta = {"config": config, "peft": peft_config.asdict(), "model_args": model_args, "base": base_identity,
-            "iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": iter_num * tokens_per_iter,
-            "template": data_template, "data": data_identity}
+    # defaults: this file's own defaults (before config files and overrides), so a reader can tell what a
+    # run changed without parsing train.py; params: its trainable and total parameter counts
+    meta = {"config": config, "defaults": defaults, "params": params, "peft": peft_config.asdict(), "model_args": model_args,
+            "base": base_identity, "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "tokens_seen": iter_num * tokens_per_iter, "template": data_template, "data": data_identity}
     global pending_metrics
     if pending_metrics is None:
         checkpoint.save(out_dir, raw_model, optimizer, meta)
@@ -418,7 +421,8 @@ def save_checkpoint():
 
 
 def log_metrics(record):
-    """Append one JSON line to out_dir/metrics.jsonl (and TensorBoard / wandb when switched on)."""
+    """Append one JSON line to out_dir/metrics.jsonl (and TensorBoard / wandb when switched on). A dict
+    value (params) goes to TensorBoard as one scalar per entry (params/trainable, params/total)."""
     path = os.path.join(out_dir, "metrics.jsonl")
     try:
         if pending_metrics is not None:  # replacing an earlier run: kept until this run's first checkpoint
@@ -430,7 +434,8 @@ def log_metrics(record):
         raise UserError(f"could not write {path}: {e.strerror or e}; {ckpt_path} keeps the last saved state") from None
     for key, value in record.items():
         if key != "iter" and tb_writer is not None:
-            tb_writer.add_scalar(key, value, record["iter"])
+            for name, v in (value.items() if isinstance(value, dict) else [("", value)]):
+                tb_writer.add_scalar(f"{key}/{name}" if name else key, v, record["iter"])
     if wandb_log:
         wandb.log(record, step=record["iter"])
 
@@ -451,6 +456,7 @@ if master_process:
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    log_metrics({"iter": iter_num, "params": params})  # the first row of every run (and of every resumed part)
 for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda signum, frame: stop_signal.append(signum))  # stop after this iteration
 
@@ -523,7 +529,9 @@ while True:
             eta = (max_iters - iter_num) * (t1 - t_start) / (iter_num - iter_start)
             mfu_txt = f" | mfu {100 * running_mfu:.1f}%" if running_mfu >= 0 else ""
             print(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu_txt} | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
-            record = {"iter": iter_num, "train/loss_step": lossf, "tok_per_s": tok_s}
+            record = {"iter": iter_num, "train/loss_step": lossf, "lr": lr, "tok_per_s": tok_s}
+            if running_mfu >= 0:
+                record["mfu"] = 100 * running_mfu  # percent, as printed
             if device_type == "cuda":
                 record["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             log_metrics(record)

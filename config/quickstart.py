@@ -1,5 +1,5 @@
 # The offline quickstart: LoRA-fine-tune the bundled Milton base on Shakespeare, on a laptop CPU
-# (120 iterations x 2,048 tokens, about 4 minutes on 2 cores).
+# (120 iterations x 2,048 tokens, about 4 minutes on 2 cores), or on a CUDA GPU when one is present.
 #   python data/shakespeare/prepare.py
 #   python train.py config/quickstart.py
 #   python sample.py --out_dir=out-quickstart --start="ROMEO:"
@@ -23,4 +23,7 @@ learning_rate = 3e-3
 warmup_iters = 10
 lr_decay_iters = 120
 min_lr = 3e-4
-device = "cpu"
+# device: left to train.py's default, a CUDA GPU when one is present, else the CPU (--device=cpu forces
+# the CPU). dtype stays float32 everywhere: the CPU run and the README's numbers stay as they are, and no
+# dtype is tied to a device that a later --device could change. On a GPU the matmuls then run in TF32
+# (train.py allows it); --dtype=bfloat16 adds autocast.

@@ -44,6 +44,21 @@ def test_round_trip_restores_model_and_optimizer(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
 
 
+def test_run_metadata_is_optional_and_checked(tmp_path):
+    """defaults and params (train.py records them since issue 14) load when present and are optional:
+    a checkpoint written before has neither (save_run writes none). A damaged params is one line."""
+    meta = {"config": {}, "peft": {}, "iter_num": 1, "best_val_loss": 1.0, "base": {"init_from": "scratch", "fingerprint": None},
+            "model_args": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "vocab_size": 64, "bias": True}}
+    checkpoint.check_meta("old.safetensors", meta)
+    checkpoint.check_meta("new.safetensors", dict(meta, defaults={"r": 8}, params={"trainable": 10, "total": 100}))
+    with pytest.raises(UserError, match=r"new.safetensors has damaged metadata: params\['total'\] is str"):
+        checkpoint.check_meta("new.safetensors", dict(meta, params={"trainable": 10, "total": "100"}))
+    with pytest.raises(UserError, match="params has no 'trainable'"):
+        checkpoint.check_meta("new.safetensors", dict(meta, params={"total": 100}))
+    with pytest.raises(UserError, match=r"meta\['defaults'\] is list"):
+        checkpoint.check_meta("new.safetensors", dict(meta, defaults=[]))
+
+
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = peft.inject(tiny(), peft.PeftConfig(method="lora", r=2, targets=("c_attn",)))
     save_run(tmp_path, model)

@@ -340,6 +340,9 @@ def test_bad_sweep_input_stops_with_one_line(sweep_config, tmp_path):
           message="two runs are named 'x-lr1e-05'")
     fails(f"--out_dir={new}", f"--forget_data={tmp_path / 'nowhere'}", "--dry_run=true", message="nowhere")
     fails(f"--out_dir={new}", "--eval_tokens=1", "--dry_run=true", message="eval_tokens=1 must be 0 (all) or at least 2")
+    # every run's config is checked against train.py's declared rules (train.py --help=json) before any run
+    fails(f"--out_dir={new}", "--runs=[('x', {'method': 'lora', 'r': 0})]", "--dry_run=true",
+          message="run 'x': --r=0: must be an integer >= 1")
     assert not new.exists()
     # an out_dir (or assets_dir) that cannot be written stops a dry run too, before any work
     a_file = tmp_path / "a_file"

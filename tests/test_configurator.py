@@ -1,5 +1,6 @@
 """configurator.py: --key=value conversion, config files, declared domains, and one-line errors."""
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -158,6 +159,21 @@ def test_help_shows_each_rule_and_parse_rule_reads_it_back(capsys):
             rules[m.group(1)] = configurator.parse_rule(m.group(3) or "")
     assert rules["batch_size"] == ">= 1" and rules["learning_rate"] == "(0, 1]" and rules["quantize"] == (None, "nf4")
     assert rules["out_dir"] == configurator.ANY and rules["compile"] == configurator.ANY
+
+
+def test_help_json_gives_every_default_and_rule_for_programs(capsys):
+    """--help=json: {key: {"default", "rule"}}; read_help_json gives back the defaults (tuples as tuples)
+    and the rules parse_rule reads from --help, so a program never parses the --help table."""
+    with pytest.raises(SystemExit):
+        configure(DEFAULTS, ["--help=json"])
+    text = capsys.readouterr().out
+    assert json.loads(text)["batch_size"] == {"default": 8, "rule": ">= 1"}
+    defaults, rules = configurator.read_help_json(text)
+    assert defaults == DEFAULTS and type(defaults["targets"]) is tuple and type(defaults["learning_rate"]) is float
+    assert rules == {"batch_size": ">= 1", "learning_rate": "(0, 1]", "compile": configurator.ANY,
+                     "out_dir": configurator.ANY, "targets": configurator.ANY, "quantize": (None, "nf4")}
+    with pytest.raises(UserError, match=r"'--help=yaml': write --help \(a table\) or --help=json"):
+        configure(DEFAULTS, ["--help=yaml"])
 
 
 def test_argparse_errors_are_one_line():

@@ -83,6 +83,34 @@ def test_lora_plus_runs_B_at_its_multiple_of_the_scheduled_lr(base, data, tmp_pa
     assert runs[0][1] == runs[16][1] and runs[0][5] != runs[16][5]
 
 
+def test_run_metadata_and_every_logged_value_are_recorded(base, data, tmp_path):
+    """The checkpoint keeps train.py's own defaults and the parameter counts; metrics.jsonl (and
+    TensorBoard) keep every logged value: the params first, then lr and MFU at every log step."""
+    import checkpoint
+    out = tmp_path / "run"
+    p = train(*common(base, data, out, "--method=lora", "--targets=lora1", "--r=4", "--max_iters=4", "--tensorboard_log=true"))
+    assert p.returncode == 0, p.stderr
+    meta = checkpoint.read_meta(str(out / "ckpt.safetensors"))
+    assert meta["defaults"]["learning_rate"] == 3e-4 and meta["config"]["learning_rate"] == 3e-3  # before overrides
+    assert meta["defaults"]["r"] == 8 and meta["defaults"]["targets"] == [] and meta["defaults"]["method"] == "full"
+    params = meta["params"]
+    assert params["trainable"] == 2 * 4 * (32 + 96)  # r=4 on c_attn [96, 32] of 2 layers
+    assert f"{params['trainable']:,} trainable parameters of {params['total']:,}" in p.stdout
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert rows[0] == {"iter": 0, "params": params}
+    steps = [r for r in rows if "train/loss_step" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4] and all(r["lr"] > 0 and r["tok_per_s"] > 0 for r in steps)
+    assert [r["iter"] for r in steps if "mfu" in r] == [2, 3, 4]  # from the second log interval on, as printed
+    mfu_printed = [line.split("mfu ")[1].split("%")[0] for line in p.stdout.splitlines() if "mfu " in line]
+    assert mfu_printed == [f"{r['mfu']:.1f}" for r in steps if "mfu" in r]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(str(out / "tb"))
+    tb.Reload()
+    tags = tb.Tags()["scalars"]
+    assert {"lr", "mfu", "tok_per_s", "train/loss_step", "val/loss", "params/trainable", "params/total"} <= set(tags)
+    assert [e.step for e in tb.Scalars("mfu")] == [2, 3, 4] and tb.Scalars("params/total")[0].value == params["total"]
+
+
 def test_ddp_two_processes_equal_one_process(base, data, tmp_path):
     """torchrun with 2 CPU processes (gloo) and the same global batch gives the single-process losses."""
     args = ("--method=lora", "--lora_plus_ratio=4", "--gradient_accumulation_steps=2", "--max_iters=4")
