@@ -40,6 +40,7 @@ METHODS = {
     "etherplusHH": ETHERPlusLinear,  # ETHER+, both sides of the weight
     "ia3": IA3Linear,                # Liu et al. 2022, learned scaling of activations
 }
+BENCH_REFERENCE = "lora"  # bench.py's step-time goals (the classes' bench_goal_vs_lora) are relative to it
 QKV = ("q", "k", "v")
 
 

@@ -45,6 +45,13 @@ class DoRALinear(LoRALinear):
 
     supports_quantize = True
     lora_plus_params = ("lora_B", "lora_magnitude")  # LoRA+: m goes with B, as in HF peft
+    bench_goal_vs_lora = 1.15  # issue #13: a DoRA step <= 1.15x a LoRA step
+
+    @classmethod
+    def hf_peft_counterpart(cls, cfg):
+        """HF peft's LoRA with use_dora=True (see LoRALinear.hf_peft_counterpart)."""
+        name, kwargs, note = super().hf_peft_counterpart(cfg)
+        return name, dict(kwargs, use_dora=True), note
 
     def __init__(self, base, cfg, slices=None):
         super().__init__(base, cfg, slices)

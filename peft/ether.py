@@ -81,6 +81,12 @@ class ETHERLinear(nn.Module):
     supports_quantize = False
     config_fields = ("ether_nb", "flip_side", "dropout", "targets", "base_dtype")  # the PeftConfig fields this method reads
     vectors = ("u",)  # trainable vectors per block; ETHER+ has ("u", "v")
+    bench_goal_vs_lora = 1.1  # issue #13: an ETHER (and ETHER+) step <= 1.1x a LoRA step
+
+    @classmethod
+    def hf_peft_counterpart(cls, cfg):
+        """(None, why, None): bench.py has nothing to measure ETHER against."""
+        return None, "ETHER is not in HF peft", None
 
     def __init__(self, base, cfg, slices=None):
         super().__init__()
