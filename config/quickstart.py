@@ -10,7 +10,7 @@ dataset = "shakespeare"
 method = "lora"
 targets = ("all",)  # every Linear the method adapts well: for LoRA lora4 = attention, its projection,
 #                    feed-forward and the output layer (see the README); less for olora, etherplusHH,
-#                    ether (peft/config.py: ALL_TARGETS)
+#                    ether (each layer class's all_targets)
 r = 16
 alpha = 32.0
 block_size = 128

@@ -8,7 +8,11 @@
     merge(model)                        # in place: back to a plain GPT with the update folded in
 
 Every method is one layer class (METHODS below) that owns the frozen base Linear as `.base`,
-computes the adapted layer in forward(x) and folds itself into one nn.Linear in merge().
+computes the adapted layer in forward(x) and folds itself into one nn.Linear in merge(). Its class
+attributes are all the repo knows about the method: name (the registry key), title, default_targets,
+all_targets, config_fields, supports_quantize, lora_plus_params, hf_peft_type / no_hf_reason (its
+Hugging Face PEFT form, peft/hf.py), bench_goal_vs_lora. A new method is one new file plus one line
+in METHODS.
 Adapter tensors are named after the wrapped module, e.g. for LoRA on c_attn
     transformer.h.0.attn.c_attn.lora_A, transformer.h.0.attn.c_attn.lora_B
 (the frozen base is transformer.h.0.attn.c_attn.base.weight, not part of the adapter).
@@ -18,28 +22,27 @@ import torch.nn as nn
 
 from errors import UserError
 from peft import quant
-from peft.config import DEFAULT_TARGETS, PRESETS, PeftConfig
+from peft.config import PRESETS, PeftConfig
 from peft.dora import DoRALinear
-from peft.ether import ETHERLinear, ETHERPlusLinear
+from peft.ether import ETHERLinear, ETHERPlusHHLinear, ETHERPlusLinear
 from peft.ia3 import IA3Linear
 from peft.lora import LoRALinear, OLoRALinear, PiSSALinear
 from peft.oft import OFTLinear
 
 __all__ = ["METHODS", "PeftConfig", "inject", "merge", "adapter_state_dict", "load_adapter_state_dict",
-           "count_parameters", "adapter_layers", "lr_scales", "PRESETS", "DEFAULT_TARGETS"]
+           "count_parameters", "adapter_layers", "lr_scales", "PRESETS"]
 
-METHODS = {
-    "full": None,                    # fine-tune every weight; no adapter
-    "lora": LoRALinear,              # Hu et al. 2021; rsLoRA = lora with use_rslora=True
-    "dora": DoRALinear,              # Liu et al. 2024, LoRA + learned row magnitudes
-    "olora": OLoRALinear,            # Büyükakyüz 2024, LoRA started from a QR of W
-    "pissa": PiSSALinear,            # Meng et al. 2024, LoRA started from the top singular vectors of W
-    "oft": OFTLinear,                # Qiu et al. 2023, block-diagonal orthogonal rotation of the input
-    "ether": ETHERLinear,            # Bini et al. 2024, block Householder reflections
-    "etherplus": ETHERPlusLinear,    # ETHER+, one side
-    "etherplusHH": ETHERPlusLinear,  # ETHER+, both sides of the weight
-    "ia3": IA3Linear,                # Liu et al. 2022, learned scaling of activations
-}
+METHODS = {"full": None} | {cls.name: cls for cls in (  # "full": fine-tune every weight; no adapter
+    LoRALinear,         # Hu et al. 2021; rsLoRA = lora with use_rslora=True
+    DoRALinear,         # Liu et al. 2024, LoRA + learned row magnitudes
+    OLoRALinear,        # Büyükakyüz 2024, LoRA started from a QR of W
+    PiSSALinear,        # Meng et al. 2024, LoRA started from the top singular vectors of W
+    OFTLinear,          # Qiu et al. 2023, block-diagonal orthogonal rotation of the input
+    ETHERLinear,        # Bini et al. 2024, block Householder reflections
+    ETHERPlusLinear,    # ETHER+, one side
+    ETHERPlusHHLinear,  # ETHER+, both sides of the weight
+    IA3Linear,          # Liu et al. 2022, learned scaling of activations
+)}
 BENCH_REFERENCE = "lora"  # bench.py's step-time goals (the classes' bench_goal_vs_lora) are relative to it
 QKV = ("q", "k", "v")
 

@@ -36,7 +36,7 @@ Target names (a target matches every module whose name equals it or ends with ".
 Presets (growing sets of whole projections, e.g. for ablations):
     lora1 = c_attn;  lora2 = lora1 + attn.c_proj;  lora3 = lora2 + mlp.c_fc, mlp.c_proj;
     lora4 = lora3 + lm_head
-"all": every Linear the method adapts well, ALL_TARGETS below: lora4, except for three methods
+"all": every Linear the method adapts well, its layer class's all_targets: lora4, except for three methods
 (config/quickstart.py uses it, so that every method runs from it). For method full, "all" is what
 it trains anyway, so it is accepted there.
     etherplusHH   lora3: ether_nb must divide both sides of the tied 50,257-row head, and 50257 =
@@ -47,7 +47,7 @@ it trains anyway, so it is accepted there.
                   MLP or of the head wrecks the model: on models/gpt2-milton (val loss 6.63) ETHER
                   starts at 6.73 on q, v, 6.75 on lora2, 14.0 on lora3 and 11.4 on lm_head alone
 
-Default targets (targets=None), from each method's paper:
+Default targets (targets=None), from each method's paper (its layer class's default_targets):
     lora, dora, olora, pissa: q, v          LoRA (Hu et al. 2021) §7.1 adapts W_q and W_v
     ia3:   k, v, mlp.c_proj                 IA3 (Liu et al. 2022) rescales keys, values and the
                                             FFN's inner activation (= the input of mlp.c_proj)
@@ -71,18 +71,6 @@ PRESETS = {
     "lora3": ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
     "lora4": ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"),
 }
-DEFAULT_TARGETS = {
-    "lora": ("q", "v"),
-    "dora": ("q", "v"),
-    "olora": ("q", "v"),
-    "pissa": ("q", "v"),
-    "ia3": ("k", "v", "mlp.c_proj"),
-    "oft": ("c_attn", "attn.c_proj"),
-    "ether": ("q", "v"),
-    "etherplus": ("q", "v"),
-    "etherplusHH": ("q", "v"),
-}
-ALL_TARGETS = {m: "lora4" for m in DEFAULT_TARGETS} | {"etherplusHH": "lora3", "olora": "lora3", "ether": "lora2"}  # see "all" above
 # train.py's keys for the PeftConfig fields: the same names, except two that would clash with
 # train.py's own `dropout` (the model's) and `init_from`. '' on the command line means None.
 TRAIN_KEYS = {"method": "method", "r": "r", "alpha": "alpha", "adapter_dropout": "dropout",
@@ -199,11 +187,13 @@ class PeftConfig:
 
     def resolved_targets(self):
         """The target names this config adapts: the default if targets is None, presets and "all" expanded."""
-        names = self.targets if self.targets is not None else DEFAULT_TARGETS.get(self.method, ())
+        from peft import METHODS
+        cls = METHODS[self.method]
+        names = self.targets if self.targets is not None else (cls.default_targets if cls else ())
         out = []
         for name in names:
             if name == "all":
-                name = ALL_TARGETS.get(self.method, "lora4")  # full: every weight, the adapters' lora4 and more
+                name = cls.all_targets if cls else "lora4"  # full: every weight, the adapters' lora4 and more
             for t in PRESETS.get(name, (name,)):
                 if t not in out:
                     out.append(t)

@@ -43,9 +43,11 @@ from peft.quant import dequantize, make_linear
 class DoRALinear(LoRALinear):
     """y = (m / ‖W + sBA‖_row) ⊙ (x Wᵀ + s·(x Aᵀ)Bᵀ) + b — see the module docstring."""
 
+    name = "dora"
+    title = "DoRA"
+    bench_goal_vs_lora = 1.15
     supports_quantize = True
     lora_plus_params = ("lora_B", "lora_magnitude")  # LoRA+: m goes with B, as in HF peft
-    bench_goal_vs_lora = 1.15  # issue #13: a DoRA step <= 1.15x a LoRA step
 
     @classmethod
     def hf_peft_counterpart(cls, cfg):

@@ -78,15 +78,22 @@ def divisors(n):
 class ETHERLinear(nn.Module):
     """ETHER: blockdiag(I - 2ûûᵀ) on one side (see the module docstring). Owns the frozen base."""
 
+    name = "ether"
+    title = "ETHER"
+    default_targets = ("q", "v")  # the ETHER reference code adapts the q and v projections
+    all_targets = "lora2"  # reflecting the input of the MLP or of the head wrecks the model (peft/config.py)
+    hf_peft_type = None
+    no_hf_reason = "ETHER and ETHER+ are not part of HF PEFT, so the reflections are merged into the weights"
+    bench_goal_vs_lora = 1.1
     supports_quantize = False
     config_fields = ("ether_nb", "flip_side", "dropout", "targets", "base_dtype")  # the PeftConfig fields this method reads
     vectors = ("u",)  # trainable vectors per block; ETHER+ has ("u", "v")
-    bench_goal_vs_lora = 1.1  # issue #13: an ETHER (and ETHER+) step <= 1.1x a LoRA step
+    two_sided = False  # H on both sides of W (etherplusHH), else on one side
 
     @classmethod
     def hf_peft_counterpart(cls, cfg):
-        """(None, why, None): bench.py has nothing to measure ETHER against."""
-        return None, "ETHER is not in HF peft", None
+        """(None, why, None): bench.py has nothing to measure ETHER, ETHER+ or ETHER+HH against."""
+        return None, f"{cls.title} is not in HF peft", None
 
     def __init__(self, base, cfg, slices=None):
         super().__init__()
@@ -94,7 +101,7 @@ class ETHERLinear(nn.Module):
         self.base.requires_grad_(False)
         d_out, d_in = base.weight.shape
         nb = cfg.ether_nb
-        two_sided = cfg.method == "etherplusHH"
+        two_sided = self.two_sided
         self.slices = None
         if slices is not None:
             if d_out != 3 * d_in:
@@ -201,12 +208,27 @@ class ETHERLinear(nn.Module):
 
 
 class ETHERPlusLinear(ETHERLinear):
-    """ETHER+: blockdiag(I - ûûᵀ + v̂v̂ᵀ), one-sided for cfg.method 'etherplus', on both sides
-    (W' = H_out W H_in) for 'etherplusHH' (see the module docstring)."""
+    """ETHER+: blockdiag(I - ûûᵀ + v̂v̂ᵀ) on one side of W (see the module docstring)."""
 
+    name = "etherplus"
+    title = "ETHER+"
+    all_targets = "lora4"
     vectors = ("u", "v")
 
     def apply_h(self, z, vecs):
         """z H, block-wise: H_i = I - ûûᵀ + v̂v̂ᵀ (symmetric, so z H = H z)."""
         u, v = vecs
         return z - (z * u).sum(-1, keepdim=True) * u + (z * v).sum(-1, keepdim=True) * v
+
+
+class ETHERPlusHHLinear(ETHERPlusLinear):
+    """ETHER+ on both sides of the weight, W' = H_out W H_in, each side with its own u, v."""
+
+    name = "etherplusHH"
+    title = "ETHER+ (two-sided, HH)"
+    # ether_nb must divide both sides of the tied 50,257-row head, and 50257 = 29 x 1733 shares no
+    # divisor but 1 with the width: only ether_nb=1 would do, so targets=all leaves lm_head out
+    all_targets = "lora3"
+    bench_goal_vs_lora = 1.2
+    config_fields = ("ether_nb", "dropout", "targets", "base_dtype")  # no flip_side: both sides anyway
+    two_sided = True

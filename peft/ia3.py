@@ -44,9 +44,15 @@ class IA3Linear(nn.Module):
     """y = base(x) ⊙ l (output scaling) or base(x ⊙ l) (input scaling, feedforward=True) — see the
     module docstring. feedforward=None: input scaling iff the layer narrows (in > out). Owns the base."""
 
+    name = "ia3"
+    title = "IA3"
+    default_targets = ("k", "v", "mlp.c_proj")  # IA3 (Liu et al. 2022) rescales keys, values and the FFN's inner
+    all_targets = "lora4"                        # activation (= the input of mlp.c_proj)
+    hf_peft_type = "IA3"
+    no_hf_reason = None
+    bench_goal_vs_lora = None
     supports_quantize = True
     config_fields = ("targets", "base_dtype")  # the PeftConfig fields IA3 reads (no dropout, as in the paper and HF peft)
-    bench_goal_vs_lora = None  # bench.py: no step-time goal relative to LoRA
 
     @classmethod
     def hf_peft_counterpart(cls, cfg):

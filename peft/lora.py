@@ -67,13 +67,20 @@ QKV = ("q", "k", "v")
 class LoRALinear(nn.Module):
     """y = base(x) + s · (dropout(x) Aᵀ) Bᵀ  — see the module docstring. Owns the frozen base."""
 
+    # what the rest of the repo knows about a method comes from these class attributes (peft/__init__.py)
+    name = "lora"  # the registry name (--method=lora)
+    title = "LoRA"  # for people: tables, model cards
+    default_targets = ("q", "v")  # LoRA (Hu et al. 2021) §7.1 adapts W_q and W_v
+    all_targets = "lora4"  # what targets=all means for this method (peft/config.py)
+    hf_peft_type = "LORA"  # its Hugging Face PEFT form (peft/hf.py); None: no_hf_reason says why
+    no_hf_reason = None
+    bench_goal_vs_lora = None  # bench.py's goal: at most this step time relative to our LoRA
     supports_quantize = True
     config_fields = ("r", "alpha", "dropout", "use_rslora", "init", "targets", "base_dtype",
                      "lora_plus_ratio")  # the PeftConfig fields this method reads
     lora_plus_params = ("lora_B",)  # LoRA+: these train at lora_plus_ratio × the learning rate
     factors = None  # OLoRA / PiSSA: a function (W [out, in], r, s) -> (A₀ [r, in], B₀ [out, r])
     hf_init = None  # OLoRA / PiSSA: HF peft's init_lora_weights for the same start
-    bench_goal_vs_lora = None  # bench.py: the most a train step may take relative to LoRA's (None: no goal)
 
     @classmethod
     def hf_peft_counterpart(cls, cfg):
@@ -205,6 +212,9 @@ class OLoRALinear(LoRALinear):
     """LoRA started from the QR decomposition of W: A₀ = R[:r], B₀ = Q[:, :r], W ← W − s·B₀ A₀.
     See the module docstring (buffers lora_A0, lora_B0; rebase on load; no nf4)."""
 
+    name = "olora"
+    title = "OLoRA"
+    all_targets = "lora3"  # its QR start diverges on lm_head at the usual learning rates (see above)
     supports_quantize = False
     config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype",
                      "lora_plus_ratio")  # as LoRA, but A, B come from a QR: no init
@@ -216,6 +226,8 @@ class PiSSALinear(LoRALinear):
     """LoRA started from the top-r singular vectors of W: s·B₀ A₀ = U_r S_r V_rᵀ, W ← W − s·B₀ A₀.
     See the module docstring (buffers lora_A0, lora_B0; rebase on load; no nf4)."""
 
+    name = "pissa"
+    title = "PiSSA"
     supports_quantize = False
     config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype",
                      "lora_plus_ratio")  # as LoRA, but A, B come from an SVD: no init

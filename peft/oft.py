@@ -58,9 +58,17 @@ def divisors(n):
 class OFTLinear(nn.Module):
     """y = base(x R), R = blockdiag((I + S_i)(I - S_i)⁻¹) — see the module docstring. Owns the frozen base."""
 
+    name = "oft"
+    title = "OFT"
+    default_targets = ("c_attn", "attn.c_proj")  # OFT (Qiu et al. 2023) fine-tunes the attention projections
+    all_targets = "lora4"                         # q, k, v (one input: one R for the fused c_attn) and out
+    hf_peft_type = None
+    no_hf_reason = ("HF PEFT's OFT cannot adapt GPT-2: it wraps only torch Linear and Conv2d layers, not the "
+                    "transformers Conv1D layers GPT-2 is built from (and its default Cayley-Neumann series only "
+                    "approximates the exact orthogonal rotation trained here), so the rotations are merged into the weights")
+    bench_goal_vs_lora = 1.3
     supports_quantize = True
     config_fields = ("oft_block_size", "coft_eps", "block_share", "dropout", "targets", "base_dtype")  # the PeftConfig fields this method reads
-    bench_goal_vs_lora = 1.3  # issue #13: an OFT step <= 1.3x a LoRA step
 
     @classmethod
     def hf_peft_counterpart(cls, cfg):

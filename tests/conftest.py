@@ -1,4 +1,6 @@
-"""Shared test set-up: the repo root on sys.path, a deterministic CPU torch."""
+"""Shared test set-up: the repo root on sys.path, a deterministic CPU torch, the fixtures (tiny
+transformers GPT-2 folders, token shards) and the small model builders the peft tests share
+(tiny_gpt, randomize, batch, linear: import them with `from conftest import ...`)."""
 import os
 import sys
 
@@ -13,6 +15,43 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 VOCAB = 256  # tiny models: token ids below 256 are single bytes in GPT-2's BPE
+PEFT_VOCAB, PEFT_BLOCK = 97, 32  # tiny_gpt's vocabulary and context (a prime vocabulary: layout mistakes show)
+
+
+def tiny_gpt(seed=0, n_embd=32):
+    """A random tiny GPT with non-zero biases and LayerNorms (so layout mistakes show)."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=PEFT_BLOCK, vocab_size=PEFT_VOCAB, n_layer=2, n_head=2, n_embd=n_embd))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@torch.no_grad()
+def randomize(model, seed=1, std=0.1):
+    """Move every trainable parameter by std·N(0, 1): adapters away from their identity init."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(std * torch.randn(p.shape, generator=g).to(p))
+
+
+def batch(seed=2, B=2, T=16):
+    """(inputs, targets), each (B, T) token ids below PEFT_VOCAB."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, PEFT_VOCAB, (B, T), generator=g), torch.randint(0, PEFT_VOCAB, (B, T), generator=g)
+
+
+def linear(in_features=48, out_features=40, seed=0):
+    """A frozen random nn.Linear with a non-zero bias, to wrap in an adapter layer."""
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        lin.bias.normal_()
+    return lin.requires_grad_(False)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -15,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peft  # noqa: E402
 from peft import quant  # noqa: E402
 from peft.dora import DoRALinear  # noqa: E402
-from test_lora import linear  # noqa: E402
+from conftest import linear  # noqa: E402
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 

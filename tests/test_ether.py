@@ -11,9 +11,9 @@ import torch.nn as nn
 
 from errors import UserError
 from peft.config import PeftConfig
-from peft.ether import ETHERLinear, ETHERPlusLinear
+from peft.ether import ETHERLinear, ETHERPlusHHLinear, ETHERPlusLinear
 
-CLASSES = {"ether": ETHERLinear, "etherplus": ETHERPlusLinear, "etherplusHH": ETHERPlusLinear}
+CLASSES = {"ether": ETHERLinear, "etherplus": ETHERPlusLinear, "etherplusHH": ETHERPlusHHLinear}
 
 
 def make_cfg(**kw):
@@ -230,7 +230,7 @@ def test_bad_nb_is_a_user_error():
     ("etherplus", ("lora3",), True, 2 * 2 * (32 + 32 + 32 + 32)),  # mlp.c_proj flipped to its 32 outputs
 ])
 def test_tiny_gpt_inject_step_and_merge(method, targets, flip, n_params):
-    from test_peft import tiny_gpt
+    from conftest import tiny_gpt
     from peft import count_parameters, inject, merge
     model = tiny_gpt().eval()
     idx = torch.randint(0, 64, (2, 8))

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,17 +16,9 @@ import peft  # noqa: E402
 from errors import UserError  # noqa: E402
 from peft import quant  # noqa: E402
 from peft.lora import LoRALinear, OLoRALinear, PiSSALinear  # noqa: E402
-from test_peft import batch, randomize, tiny_gpt  # noqa: E402
+from conftest import batch, linear, randomize, tiny_gpt  # noqa: E402
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-
-
-def linear(in_features=48, out_features=40, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(in_features, out_features)
-    with torch.no_grad():
-        lin.bias.normal_()
-    return lin.requires_grad_(False)
 
 
 def cfg(**kw):

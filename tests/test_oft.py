@@ -190,7 +190,7 @@ def test_same_rotation_and_coft_as_hf_peft(tmp_path):
 
 
 def test_tiny_gpt_inject_step_and_merge():
-    from test_peft import tiny_gpt
+    from conftest import tiny_gpt
     from peft import adapter_state_dict, count_parameters, inject, merge
     model = tiny_gpt().eval()
     idx = torch.randint(0, 64, (2, 8))

@@ -16,40 +16,16 @@ import peft  # noqa: E402
 from errors import UserError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from peft import quant  # noqa: E402
+from conftest import PEFT_BLOCK as BLOCK, batch, randomize, tiny_gpt  # noqa: E402
 
 ADAPTER_METHODS = [m for m in peft.METHODS if m != "full"]
 QUANTIZABLE = [m for m in ADAPTER_METHODS if peft.METHODS[m].supports_quantize]
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-VOCAB, BLOCK = 97, 32
-
-
-def tiny_gpt(seed=0, n_embd=32):
-    """A random tiny GPT with non-zero biases and LayerNorms (so layout mistakes show)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=n_embd))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def config(method, **kw):
     kw = dict(dict(r=4, oft_block_size=8, ether_nb=4), **kw)
     return peft.PeftConfig(method=method, **kw)
-
-
-@torch.no_grad()
-def randomize(model, seed=1, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(std * torch.randn(p.shape, generator=g).to(p))
-
-
-def batch(seed=2, B=2, T=16):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (B, T), generator=g), torch.randint(0, VOCAB, (B, T), generator=g)
 
 
 def logits(model, idx, targets):
@@ -272,7 +248,7 @@ def test_bad_inject(kwargs, match):
 @pytest.mark.parametrize("method", list(peft.METHODS))
 def test_targets_all_works_for_every_method_on_a_50257_token_head(method):
     """targets=all (config/quickstart.py) on a GPT with GPT-2's vocabulary: every method injects and
-    trains; lm_head is adapted except where peft.config.ALL_TARGETS says otherwise (olora, etherplusHH: lora3;
+    trains; lm_head is adapted except where the layer class's all_targets says otherwise (olora, etherplusHH: lora3;
     ether: lora2)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=BLOCK, vocab_size=50257, n_layer=1, n_head=2, n_embd=32))
@@ -326,3 +302,21 @@ def test_load_adapter_errors():
     other = peft.inject(tiny_gpt(), config("lora", r=2))
     with pytest.raises(UserError, match="shape"):
         peft.load_adapter_state_dict(model, peft.adapter_state_dict(other))
+
+
+def test_every_method_describes_itself_on_its_layer_class():
+    """peft.METHODS is built from the layer classes: each names itself, and carries what the rest of
+    the repo reads (model card, HF export, bench.py goals, targets=None / all)."""
+    for name, cls in peft.METHODS.items():
+        if cls is None:
+            assert name == "full"
+            continue
+        assert cls.name == name
+        assert isinstance(cls.title, str) and cls.title
+        assert cls.all_targets in peft.PRESETS
+        assert cls.default_targets and all(isinstance(t, str) for t in cls.default_targets)
+        assert set(cls.config_fields) <= set(peft.config.DOMAINS)
+        assert cls.hf_peft_type in ("LORA", "IA3", None)
+        assert (cls.hf_peft_type is None) == isinstance(cls.no_hf_reason, str)
+        assert cls.bench_goal_vs_lora is None or cls.bench_goal_vs_lora >= 1
+    assert len({cls for cls in peft.METHODS.values()}) == len(peft.METHODS)  # one class per method
