@@ -36,7 +36,8 @@ bench_report.py prints the tables and decides the goals. In short:
   cache, after a short warm-up; the speedup is the ratio of the two wall times.
 
 --device=cuda follows issue #13's protocol: its defaults become batch 16 x 1024, 4 warmup + 10 timed
-steps, every train step under bf16 autocast (CUDA_DEFAULTS; what you set on the command line wins).
+steps (CUDA_DEFAULTS; what you set on the command line wins), every train step runs under bf16 autocast,
+and the CPU's bf16 settings (bf16_warmup, bf16_steps, bf16_max_s) do not apply.
 MFU = tokens/s x GPT.flops_per_token(seq_len) / the GPU's peak dense bf16 FLOP/s (model.GPU_PEAK_BF16_FLOPS;
 an unknown GPU gets no MFU). --compile=true wraps both models in torch.compile, ours with fullgraph=True
 (a graph break is reported, and the step compiled with breaks instead). The goals are issue #13's: with
@@ -136,7 +137,7 @@ domains = {
     "seed": "[0, 18446744073709551615]", "timeout": "> 0", "out": _, "overwrite": _,
 }
 # issue #13's protocol on a GPU: batch 16 x 1024, median of 10 timed steps after 4, all under bf16 autocast
-CUDA_DEFAULTS = dict(batch_size=16, seq_len=1024, warmup=4, steps=10, bf16_warmup=4, bf16_steps=10, bf16_max_s=0)
+CUDA_DEFAULTS = dict(batch_size=16, seq_len=1024, warmup=4, steps=10)
 config = configurator.configure(configurator.defaults_from(globals()), sys.argv[1:], domains)
 if config["device"] == "cuda":  # again, from the GPU defaults: what the user set still wins
     config = configurator.configure({**configurator.defaults_from(globals()), **CUDA_DEFAULTS}, sys.argv[1:], domains)
@@ -226,7 +227,8 @@ class Runner:
     def __call__(self, label, side="ours", kind="train", peft_cfg=None, hf_cfg=None, autocast=False, merge=False,
                  variants=None):
         autocast = autocast or (CUDA and kind == "train")  # the GPU protocol: every train step under bf16 autocast
-        low = autocast or (peft_cfg is not None and peft_cfg.base_dtype == "bfloat16")
+        # bf16 on a CPU may be emulated (slow): fewer steps, and a stop after bf16_max_s
+        low = not CUDA and (autocast or (peft_cfg is not None and peft_cfg.base_dtype == "bfloat16"))
         i = len(self.results) + 1
         path = os.path.join(self.workdir, f"job{i}.json")
         job = dict(side=side, kind=kind, base_dir=self.base_dir, autocast=autocast, merge=merge,
@@ -336,8 +338,9 @@ if __name__ == "__main__":
         print(f"warning: the machine is busy (load average {info['load_average'][0]:.1f} over {info['cores']} "
               f"cores): the timings will be noisy and slow")
     print(f"shape: n_layer={n_layer} n_head={n_head} n_embd={n_embd} vocab_size={vocab_size}, batch {batch_size} x "
-          f"{seq_len} tokens, dropout 0; {warmup} warmup + {steps} timed steps (bf16: {bf16_warmup} + {bf16_steps}, "
-          f"stopped after {bf16_max_s} s); AdamW lr={learning_rate} wd={weight_decay} betas=({beta1}, {beta2})"
+          f"{seq_len} tokens, dropout 0; {warmup} warmup + {steps} timed steps"
+          + ("" if CUDA else f" (bf16: {bf16_warmup} + {bf16_steps}, stopped after {bf16_max_s} s)")
+          + f"; AdamW lr={learning_rate} wd={weight_decay} betas=({beta1}, {beta2})"
           + ("; every train step under bf16 autocast, fused AdamW" if CUDA else "")
           + ("; torch.compile (ours with fullgraph=True)" if compile else ""))
     print("ms/step = median of the timed steps; peak MB = "
