@@ -231,7 +231,7 @@ def report_methods(s, run, goals, peft_config, methods):
         tps = num(low, "tokens_per_s")
         print(f"\n### {bm} with the frozen base stored in bf16 (adapters and AdamW in fp32{', bf16 autocast' * s.cuda})\n")
         print(table(["config", "ms/step", "tokens/s", "peak MB", f"tokens/s / HF peft {prec}",
-                     f"tokens/s / ours, fp32 base", "peak MB / ours, fp32 base"],
+                     "tokens/s / ours, fp32 base", "peak MB / ours, fp32 base"],
                     [[f"ours {bm}, bf16 base", show(num(low, "ms"), ".0f", why(low)), show(tps, ".1f"),
                       show(num(low, "peak_mb")), show(div(tps, num(theirs[bm], "tokens_per_s")), ".2f"),
                       show(div(tps, num(ours[bm], "tokens_per_s")), ".2f"),
