@@ -125,9 +125,16 @@ out = ""  # also write the results as JSON to this file
 overwrite = False  # replace an existing --out (only ever an earlier bench.py result)
 # the valid values of every key (configurator's rules), checked before anything runs
 _ = configurator.ANY
+
+
+def cpu_or_cuda(value):
+    """cpu, or cuda where CUDA is available"""
+    return configurator.DEVICE(value) if value in ("cpu", "cuda") else "must be cpu or cuda"
+
+
 domains = {
     "method": lambda m: None if m in ("all", *peft.METHODS) else f"choose 'all' or one of {', '.join(peft.METHODS)}",
-    "device": lambda d: configurator.DEVICE(d) if d in ("cpu", "cuda") else "must be cpu or cuda", "compile": _,
+    "device": cpu_or_cuda, "compile": _,
     "n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1", "vocab_size": ">= 1", "block_size": ">= 1",
     "batch_size": ">= 1", "seq_len": ">= 1",
     **{k: rule for k, rule in peft.config.train_domains().items() if k not in ("method", "quantize", "base_dtype")},
