@@ -377,7 +377,8 @@ if __name__ == "__main__":
         print("(the spec sets no goal for this configuration)")
     print(bench_report.table(["goal", "measured", "met?"],
                              [[g["goal"], bench_report.show(None if g["value"] is None else (g["value"], g["bound"]),
-                                                            ".3f"), g["met"]] for g in goals]))
+                                                            ".3f", "-" if g["met"] in ("yes", "no") else "n/a"),
+                               g["met"]] for g in goals]))  # '-': a yes / no without a number (fullgraph)
     if info["native_bf16"] is False and bf16 and not CUDA:
         print("\nnote: this CPU has no bf16 matmul instructions (avx512_bf16 / amx_bf16): bf16 matmuls are "
               "emulated and far slower than fp32, so the bf16 goals (which assume hardware bf16) cannot be met here.")
