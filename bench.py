@@ -9,7 +9,7 @@ Benchmark: training-step speed and peak memory, ours side by side with transform
 
 The model is the GPT-2 124M shape with random weights (n_layer=12, n_head=12, n_embd=768, vocab 50257),
 trained on a fixed random batch of batch_size x seq_len tokens, dropout 0 everywhere. We build our GPT,
-save it as a transformers folder (GPT.save_hf), and both sides load that folder: same weights, same batch,
+save it as a transformers folder (hf_gpt2.save), and both sides load that folder: same weights, same batch,
 so the first-step losses must agree.
 
 A train step is forward + backward + AdamW step + zero_grad, with the same AdamW on both sides
@@ -69,6 +69,7 @@ import torch
 import bench_report
 import configurator
 import errors
+import hf_gpt2
 import outputs
 import peft
 from errors import UserError
@@ -361,7 +362,7 @@ if __name__ == "__main__":
         base_dir = os.path.join(workdir, "base")
         gpt = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
                             n_embd=n_embd, dropout=0.0))
-        gpt.save_hf(base_dir)  # both sides load these weights
+        hf_gpt2.save(gpt, base_dir)  # both sides load these weights
         flops = gpt.flops_per_token(seq_len)
         del gpt
         peak = info["gpu_peak_bf16_flops"]

@@ -99,9 +99,9 @@ def main(repo, job_path):
     if job["threads"] > 0:
         torch.set_num_threads(job["threads"])
     if job["side"] == "ours":
+        import hf_gpt2
         import peft
         from errors import UserError
-        from model import GPT
     else:
         import peft
         import transformers
@@ -140,7 +140,7 @@ def main(repo, job_path):
 
     def build_ours(peft_dict, merge):
         """Our GPT from the saved base (fp32, dropout 0), with adapters (and merged) as asked."""
-        model = GPT.from_pretrained(job["base_dir"])
+        model = hf_gpt2.load(job["base_dir"])
         try:
             if peft_dict is not None:
                 peft.inject(model, peft.PeftConfig.from_dict(peft_dict))

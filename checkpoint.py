@@ -21,10 +21,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-import hub
+import hf_gpt2
 import peft
 from errors import UserError
-from model import GPT, HUB_MODELS, GPTConfig
+from model import GPT, GPTConfig
+from peft.hf import is_adapter_folder, load_hf_peft
 
 CKPT_NAME = "ckpt.safetensors"
 FORMAT = "gpt2-peft-checkpoint"
@@ -279,10 +280,10 @@ def find_base(base, out_dir=None, override=None):
     if init_from == "scratch":
         return init_from
     if override:
-        if not os.path.isdir(override) and override not in HUB_MODELS:
+        if not os.path.isdir(override) and override not in hf_gpt2.HUB_MODELS:
             raise UserError(f"--base={override}: no model folder there; give the folder of the base this run was trained on")
         return override
-    if base.get("path") is None and init_from in HUB_MODELS:
+    if base.get("path") is None and init_from in hf_gpt2.HUB_MODELS:
         return init_from
     from_out_dir = base.get("path_from_out_dir")
     candidates = [base.get("path"), os.path.normpath(os.path.join(out_dir, from_out_dir)) if out_dir and from_out_dir else None,
@@ -297,12 +298,12 @@ def find_base(base, out_dir=None, override=None):
 
 def build_base(init_from, model_args, dropout=0.0):
     """The plain GPT a run starts from: a fresh one ('scratch'), a gpt2* name, a local transformers
-    folder, or an HF PEFT adapter folder (its base with the adapter merged in, see hub.py)."""
+    folder, or an HF PEFT adapter folder (its base with the adapter merged in, see peft/hf.py)."""
     if init_from == "scratch":
         return GPT(GPTConfig(**dict(model_args, dropout=dropout)))
-    if hub.is_adapter_folder(init_from):
-        return hub.load_hf_peft(init_from, dropout=dropout)
-    return GPT.from_pretrained(init_from, dropout=dropout)
+    if is_adapter_folder(init_from):
+        return load_hf_peft(init_from, dropout=dropout)
+    return hf_gpt2.load(init_from, dropout=dropout)
 
 
 def restore_model(tensors, meta, dropout=0.0, out_dir=None, base=None):
@@ -338,8 +339,8 @@ def load_model(source, device="cpu", dropout=0.0, base=None):
     if os.path.isdir(source) and os.path.isfile(os.path.join(source, CKPT_NAME)):
         tensors, meta = load(source)
         model = restore_model(tensors, meta, dropout, out_dir=source, base=base)
-    elif hub.is_adapter_folder(source):
-        model, meta = hub.load_hf_peft(source, base, dropout), None
+    elif is_adapter_folder(source):
+        model, meta = load_hf_peft(source, base, dropout), None
     else:
-        model, meta = GPT.from_pretrained(source, dropout=dropout), None
+        model, meta = hf_gpt2.load(source, dropout=dropout), None
     return model.to(device).eval(), meta

@@ -18,6 +18,7 @@ import torch
 import checkpoint
 import configurator
 import errors
+import hf_gpt2
 import outputs
 import peft
 
@@ -36,7 +37,7 @@ globals().update(config)
 
 # before ten minutes of training: save_dir must be writable, and an existing model there is replaced only
 # with --overwrite=true (adapters trained on it would no longer match its fingerprint)
-MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}  # what save_hf writes
+MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}  # what hf_gpt2.save writes
 outputs.check_output(save_dir, overwrite, folder=True, key="--save_dir", what="base model",
                      ours=lambda path: set(os.listdir(path)) <= MODEL_FILES)
 root = os.path.dirname(os.path.abspath(__file__))
@@ -50,7 +51,7 @@ else:  # an earlier run: continue it if it stopped early (train.py says so and e
 
 model, meta = checkpoint.load_model(out_dir)
 peft.merge(model)  # method='full': nothing to merge, but it keeps this script right for any method
-model.save_hf(save_dir, dtype=torch.float16)
+hf_gpt2.save(model, save_dir, dtype=torch.float16)
 print(f"wrote {save_dir} (iter {meta['iter_num']}, val loss {meta['best_val_loss']:.4f}):")
 for name in sorted(os.listdir(save_dir)):
     print(f"  {name}: {os.path.getsize(os.path.join(save_dir, name)) / 1e6:.2f} MB")

@@ -1,11 +1,11 @@
 """
 GPT-2 in one file, in the style of nanoGPT (github.com/karpathy/nanoGPT), plus what fine-tuning needs:
-loading and saving transformers GPT-2 folders, a KV cache for generation, and an optimizer that only
-sees trainable parameters.
+a KV cache for generation and an optimizer that only sees trainable parameters. Loading and saving
+transformers GPT-2 folders (and the OpenAI weights) is hf_gpt2.py's job.
 
 Layout conventions:
-- every projection is a torch nn.Linear with weight [out, in]; transformers stores the GPT-2
-  projections as Conv1D with weight [in, out], so we transpose on load and on export.
+- every projection is a torch nn.Linear with weight [out, in] (transformers stores the GPT-2
+  projections as Conv1D with weight [in, out]; hf_gpt2.py transposes on load and on save).
 - attn.c_attn is the fused [q | k | v] projection: rows 0:C are q, C:2C are k, 2C:3C are v.
 - lm_head.weight is the same Parameter as transformer.wte.weight (weight tying).
 - forward code always calls the projection modules (self.c_attn(x), ...) and never reads their
@@ -13,27 +13,15 @@ Layout conventions:
 """
 
 import inspect
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-import outputs
 from errors import UserError
 
-HUB_MODELS = {  # the four OpenAI GPT-2 checkpoints on the Hugging Face Hub
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-GPT2_EOT = 50256  # <|endoftext|> in the GPT-2 vocabulary
 # Peak dense (no sparsity) bf16 tensor-core FLOP/s by GPU, from the vendors' data sheets: MFU's denominator.
 # Looked up by the first key contained in torch.cuda.get_device_name() (so the variants come first).
 GPU_PEAK_BF16_FLOPS = {"H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "H200 NVL": 835.5e12, "H100": 989.4e12,
@@ -242,135 +230,6 @@ class GPT(nn.Module):
             loss = None
         return logits, loss
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, dropout=0.0):
-        """Load a transformers GPT-2 checkpoint as a GPT in fp32.
-
-        name_or_path: a local folder with config.json and model.safetensors (or pytorch_model.bin),
-        or one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, downloaded from the Hugging Face Hub.
-        """
-        path = os.fspath(name_or_path)
-        if not os.path.isdir(path):
-            if path not in HUB_MODELS:
-                raise UserError(f"no model folder at '{path}': pass a folder with config.json and "
-                                f"model.safetensors, or one of {', '.join(HUB_MODELS)}")
-            from huggingface_hub import snapshot_download
-            try:
-                path = snapshot_download(HUB_MODELS[path], allow_patterns=["config.json", "model.safetensors"])
-            except Exception as e:
-                raise UserError(f"cannot reach the Hugging Face Hub to download '{name_or_path}' "
-                                f"({type(e).__name__}); check the network, or pass a local transformers "
-                                f"GPT-2 folder (config.json + model.safetensors) instead") from e
-        config_file = os.path.join(path, "config.json")
-        if not os.path.isfile(config_file):
-            raise UserError(f"'{path}' has no config.json: it is not a transformers GPT-2 folder")
-        with open(config_file) as f:
-            hf = json.load(f)
-        if hf.get("model_type", "gpt2") != "gpt2":
-            raise UserError(f"'{path}' holds a {hf['model_type']} model, only GPT-2 (model_type gpt2) is supported")
-        config = GPTConfig(
-            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-            vocab_size=hf.get("vocab_size", 50257),
-            n_layer=hf.get("n_layer", 12),
-            n_head=hf.get("n_head", 12),
-            n_embd=hf.get("n_embd", 768),
-            dropout=dropout,
-            bias=True,
-            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        )
-        sd_hf = _load_state_dict(path)
-
-        model = cls(config)
-        sd = model.state_dict()
-        tied = hf.get("tie_word_embeddings", True)
-        loaded = set()
-        for key, w in sd_hf.items():
-            if key.startswith("transformer."):
-                key = key[len("transformer."):]
-            if key.endswith(".attn.bias") or key.endswith(".attn.masked_bias"):
-                continue  # transformers' causal-mask buffers, not weights
-            if key == "lm_head.weight":
-                if tied:
-                    continue  # the same tensor as wte
-                model.lm_head.weight = nn.Parameter(torch.empty_like(sd["lm_head.weight"]))
-                target = model.lm_head.weight
-            else:
-                if "transformer." + key not in sd:
-                    raise UserError(f"unexpected tensor '{key}' in the checkpoint at '{path}': not a GPT-2 model")
-                target = sd["transformer." + key]
-                key = "transformer." + key
-            if key.endswith(CONV1D):
-                w = w.t()  # Conv1D [in, out] -> Linear [out, in]
-            if w.shape != target.shape:
-                raise UserError(f"tensor '{key}' in '{path}' has shape {tuple(w.shape)}, config.json "
-                                f"implies {tuple(target.shape)}: the checkpoint does not match its config")
-            with torch.no_grad():
-                target.copy_(w.float())
-            loaded.add(key)
-        missing = [k for k in sd if k != "lm_head.weight" and k not in loaded]
-        if not tied and "lm_head.weight" not in loaded:
-            missing.append("lm_head.weight")
-        if missing:
-            raise UserError(f"the checkpoint at '{path}' lacks {len(missing)} tensors (e.g. '{missing[0]}'): "
-                            f"it is incomplete or not a GPT-2 model")
-        return model
-
-    def save_hf(self, folder, dtype=torch.float32):
-        """Write this model as a transformers GPT-2 folder: config.json, model.safetensors (Conv1D
-        layout, keys transformer.*) and generation_config.json. Each file is written to a temporary
-        name in the folder and then renamed, so a crash never leaves a half-written file.
-        Only for plain models: merge adapters first (peft.merge(model)).
-        """
-        from safetensors.torch import save_file
-        for name in ["lm_head"] + [f"transformer.h.{i}.{n}" for i in range(self.config.n_layer) for n in LINEARS]:
-            if type(self.get_submodule(name)) is not nn.Linear:
-                raise UserError("merge adapters first (peft.merge(model))")
-        c = self.config
-        tensors = {}
-        for key, w in self.state_dict().items():
-            if key == "lm_head.weight":
-                continue
-            w = w.detach().to(dtype=dtype, device="cpu")
-            if key.endswith(CONV1D):
-                w = w.t()  # Linear [out, in] -> Conv1D [in, out]
-            tensors[key] = w.contiguous()
-        # tied unless lm_head was replaced (e.g. by merging an lm_head adapter): then save it too
-        tied = self.lm_head.weight is self.transformer.wte.weight
-        if not tied:
-            tensors["lm_head.weight"] = self.lm_head.weight.detach().to(dtype=dtype, device="cpu").contiguous()
-        eot = GPT2_EOT if c.vocab_size > GPT2_EOT else None
-        config = {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "activation_function": "gelu_new",
-            "n_embd": c.n_embd,
-            "n_layer": c.n_layer,
-            "n_head": c.n_head,
-            "n_positions": c.block_size,
-            "n_ctx": c.block_size,
-            "n_inner": None,
-            "vocab_size": c.vocab_size,
-            "layer_norm_epsilon": c.layer_norm_epsilon,
-            "attn_pdrop": c.dropout,
-            "embd_pdrop": c.dropout,
-            "resid_pdrop": c.dropout,
-            "initializer_range": 0.02,
-            "scale_attn_weights": True,
-            "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False,
-            "tie_word_embeddings": tied,
-            "bos_token_id": eot,
-            "eos_token_id": eot,
-            "dtype": str(dtype).removeprefix("torch."),
-            "use_cache": True,
-        }
-        generation_config = {"_from_model_config": True, "bos_token_id": eot, "eos_token_id": eot}
-        os.makedirs(folder, exist_ok=True)
-        outputs.atomic_write(os.path.join(folder, "model.safetensors"),
-                             lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        outputs.write_json(os.path.join(folder, "config.json"), config)
-        outputs.write_json(os.path.join(folder, "generation_config.json"), generation_config)
-
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lr_scales=None):
         """AdamW over the trainable parameters: matrices and embeddings (>= 2-D) get weight decay,
         biases, LayerNorm gains and other vectors do not. Fused kernel on CUDA.
@@ -493,22 +352,3 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     probs = F.softmax(logits, dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1)  # (B, 1)
 
-
-def _load_state_dict(path):
-    """Tensors of a transformers checkpoint folder: model.safetensors, else pytorch_model.bin."""
-    st = os.path.join(path, "model.safetensors")
-    pt = os.path.join(path, "pytorch_model.bin")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-        try:
-            return load_file(st, device="cpu")
-        except Exception as e:
-            raise UserError(f"cannot read '{st}' ({e}): the file is damaged or not safetensors") from e
-    if os.path.isfile(pt):
-        try:
-            return torch.load(pt, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read '{pt}' ({type(e).__name__}): the file is damaged or not "
-                            f"a plain PyTorch state dict") from e
-    raise UserError(f"'{path}' has neither model.safetensors nor pytorch_model.bin: "
-                    f"sharded or other checkpoints are not supported")

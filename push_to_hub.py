@@ -18,11 +18,12 @@ are ignored here) or --out_dir. The repository, and in a dry run the folder --sa
     adapter/adapter_model.safetensors          PeftModel.from_pretrained(base, repo_id, subfolder="adapter")
 
 With what=adapter the adapter files sit at the top instead (PeftModel.from_pretrained(base, repo_id)).
---what defaults to both for lora, rsLoRA, dora, olora, pissa, ia3 and QLoRA/QDoRA, and to merged for
-full, oft and the ETHER family, which HF PEFT cannot load (the card says why). For QLoRA/QDoRA the
-adapter is for the base quantized to 4-bit NF4 and the merged model is dequantized.
-HF PEFT's merge_and_unload() of the adapter gives the merged model (hub.merge_note, printed and in the
-card): an adapter on GPT-2's tied lm_head holds the adapted head whole (modules_to_save), so merging
+--what defaults to both where the method has a Hugging Face PEFT form (its layer class's hf_peft_type,
+peft/hf.py), and to merged where HF PEFT cannot load it (full fine-tuning, and methods whose class gives
+a no_hf_reason, which the card states). With a 4-bit base (QLoRA/QDoRA) the adapter is for the base
+quantized to 4-bit NF4 and the merged model is dequantized. The card is model_card.py's.
+HF PEFT's merge_and_unload() of the adapter gives the merged model (model_card.merge_note, printed and in
+the card): an adapter on GPT-2's tied lm_head holds the adapted head whole (modules_to_save), so merging
 never moves the token embedding; QLoRA/QDoRA merge on the dequantized base (base.dequantize()).
 
 The upload is huggingface_hub's create_repo + upload_folder: one commit, so a failed upload never
@@ -39,10 +40,12 @@ import torch
 import checkpoint
 import configurator
 import errors
-import hub
+import hf_gpt2
+import model_card
 import outputs
 import peft
 from errors import UserError
+from peft.hf import no_hf_reason, write_hf_peft
 
 errors.install()
 
@@ -74,13 +77,13 @@ globals().update(config)
 # checks that need neither the model nor the network
 if not repo_id:
     raise UserError("--repo_id is required: the Hub repository to create or update, as user/name")
-if not hub.REPO_ID.match(repo_id):
+if not hf_gpt2.REPO_ID.match(repo_id):
     raise UserError(f"--repo_id={repo_id}: expected user/name (your Hub user or organisation, '/', the model's "
                     f"name; letters, digits, '-', '_', '.')")
-if base_model and not (hub.REPO_ID.match(base_model) or base_model in hub.HUB_MODELS):
+if base_model and not (hf_gpt2.REPO_ID.match(base_model) or base_model in hf_gpt2.HUB_MODELS):
     raise UserError(f"--base_model={base_model}: expected the base's Hub id, e.g. openai-community/gpt2")
 for d in datasets:
-    if not (hub.REPO_ID.match(d) or hub.REPO_ID.match(f"x/{d}")):
+    if not (hf_gpt2.REPO_ID.match(d) or hf_gpt2.REPO_ID.match(f"x/{d}")):
         raise UserError(f"--datasets: '{d}' is not a Hub dataset id (e.g. karpathy/tiny_shakespeare)")
 if dry_run and not save_dir:
     raise UserError("--dry_run writes the folder that would be uploaded: pass --save_dir=DIR too")
@@ -93,13 +96,13 @@ if not os.path.isdir(out_dir):
                     f"or the config file it was trained with")
 tensors, meta = checkpoint.load(out_dir)
 cfg = peft.PeftConfig.from_dict(meta["peft"])
-reason = hub.no_adapter_reason(cfg)
+reason = no_hf_reason(cfg)
 if reason and what in ("adapter", "both"):
     raise UserError(f"--what={what}: method '{cfg.method}' has no Hugging Face PEFT adapter form ({reason}); "
                     f"use --what=merged")
 what = what or ("merged" if reason else "both")
 init_from = meta["base"]["init_from"]
-base_id = base_model or hub.hub_base_id(init_from)
+base_id = base_model or hf_gpt2.hub_id(init_from)
 dtype = save_dtype or meta["config"].get("dtype", "float32")
 if dtype not in ("float32", "bfloat16", "float16"):
     raise UserError(f"{os.path.join(out_dir, checkpoint.CKPT_NAME)} has damaged metadata: config['dtype'] is {dtype!r}; "
@@ -149,23 +152,22 @@ umask = os.umask(0o022)
 os.umask(umask)
 os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private (0700); save_dir gets the usual mode
 try:
-    adapter_at = hub.adapter_path(what)
+    adapter_at = model_card.adapter_path(what)
     if adapter_at is not None:
         if base_id is None and init_from != "scratch":
             print(f"note: the base '{init_from}' is a local folder; pass --base_model=<its Hub id> so others can "
                   f"load the adapter")
-        hub.write_adapter(model, cfg, os.path.join(staging, adapter_at), base_id or init_from)
-        print(f"adapter: {hub.merge_note(cfg)}")
+        write_hf_peft(model, cfg, os.path.join(staging, adapter_at), base_id or init_from)
+        print(f"adapter: {model_card.merge_note(cfg)}")
     elif reason:
         print(f"note: no Hugging Face PEFT adapter: {reason}")
     peft.merge(model)
     if what != "adapter":
-        hub.write_merged(model, staging, dtype=getattr(torch, dtype))
-    else:
-        hub.write_tokenizer(staging, model.config.block_size)
-    val_loss, best_val_loss = hub.final_val_loss(out_dir, meta)
-    card = hub.model_card(repo_id, meta, cfg, what, trainable, total, val_loss, best_val_loss, base_id,
-                          license=license, datasets=datasets, save_dtype=dtype)
+        hf_gpt2.save(model, staging, dtype=getattr(torch, dtype))
+    hf_gpt2.write_tokenizer(staging, model.config.block_size)
+    val_loss, best_val_loss = model_card.final_val_loss(out_dir, meta)
+    card = model_card.model_card(repo_id, meta, cfg, what, trainable, total, val_loss, best_val_loss, base_id,
+                                 license=license, datasets=datasets, save_dtype=dtype)
     with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)
     files = sorted(os.path.relpath(os.path.join(d, n), staging) for d, _, ns in os.walk(staging) for n in ns)
@@ -173,7 +175,7 @@ try:
         os.replace(staging, save_dir)  # the complete folder appears at once (an empty save_dir is replaced)
         staging = None
     folder = save_dir or staging
-    print(f"{hub.method_name(cfg)} run {out_dir} (iter {meta['iter_num']}) -> {what}: {len(files)} files in {folder}")
+    print(f"{peft.title(cfg)} run {out_dir} (iter {meta['iter_num']}) -> {what}: {len(files)} files in {folder}")
     for name in files:
         print(f"  {name}  ({os.path.getsize(os.path.join(folder, name)) / 1e6:.2f} MB)")
     if dry_run:
@@ -182,7 +184,7 @@ try:
         hub_call("creating the repo", api.create_repo, repo_id, private=private, exist_ok=True)
         if revision:
             hub_call(f"creating the branch {revision}", api.create_branch, repo_id, branch=revision, exist_ok=True)
-        message = commit_message or f"Upload {hub.method_name(cfg)} fine-tune of {base_id or init_from}"
+        message = commit_message or f"Upload {peft.title(cfg)} fine-tune of {base_id or init_from}"
         hub_call("uploading", api.upload_folder, repo_id=repo_id, folder_path=folder, revision=revision or None,
                  commit_message=message)
         print(f"uploaded as {user}: https://huggingface.co/{repo_id}" + (f"/tree/{revision}" if revision else ""))

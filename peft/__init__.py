@@ -31,7 +31,7 @@ from peft.lora import LoRALinear, OLoRALinear, PiSSALinear
 from peft.oft import OFTLinear
 
 __all__ = ["METHODS", "PeftConfig", "inject", "merge", "adapter_state_dict", "load_adapter_state_dict",
-           "count_parameters", "adapter_layers", "lr_scales", "PRESETS"]
+           "count_parameters", "adapter_layers", "lr_scales", "title", "PRESETS"]
 
 METHODS = {"full": None} | {cls.name: cls for cls in (  # "full": fine-tune every weight; no adapter
     LoRALinear,         # Hu et al. 2021; rsLoRA = lora with use_rslora=True
@@ -210,3 +210,14 @@ def count_parameters(model):
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def title(cfg):
+    """cfg's method for people (model cards): its layer class's title_for(cfg) where it has one
+    (rsLoRA, QLoRA, QDoRA), else its title, "on a 4-bit NF4 base" when quantized."""
+    cls = METHODS[cfg.method]
+    if cls is None:
+        return "full fine-tuning"
+    if hasattr(cls, "title_for"):
+        return cls.title_for(cfg)
+    return cls.title + (" on a 4-bit NF4 base" if cfg.quantize else "")

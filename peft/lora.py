@@ -93,6 +93,12 @@ class LoRALinear(nn.Module):
                                   fan_in_fan_out=True, use_rslora=cfg.use_rslora, use_dora=False,
                                   init_lora_weights=init, bias="none", task_type="CAUSAL_LM"), note
 
+    @classmethod
+    def title_for(cls, cfg):
+        """The title as cfg sets the method up: rsLoRA (use_rslora), QLoRA / QDoRA (a 4-bit base)."""
+        title = ("rs" if cfg.use_rslora else "") + cls.title
+        return "Q" + title if cfg.quantize else title
+
     def __init__(self, base, cfg, slices=None):
         super().__init__()
         self.base = base  # frozen nn.Linear, CastLinear or bitsandbytes Linear4bit

@@ -50,8 +50,10 @@ def test_worker_started_from_the_repo_root_measures_hugging_faces_peft(tmp_path)
     """The worst case for the shadowing: bench_worker.py run as a script (its folder, the repo root, on
     sys.path[0]) from the repo root, without -I. The hf side still gets Hugging Face's peft."""
     import peft
+    import hf_gpt2
     from model import GPT, GPTConfig
-    GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=1, n_head=2, n_embd=32, dropout=0.0)).save_hf(tmp_path / "base")
+    hf_gpt2.save(GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=1, n_head=2, n_embd=32, dropout=0.0)),
+                 tmp_path / "base")
     name, kwargs, _ = peft.METHODS["lora"].hf_peft_counterpart(peft.PeftConfig(method="lora", r=4, targets=("c_attn",)))
     job = dict(side="hf", kind="train", base_dir=str(tmp_path / "base"), autocast=False, merge=False, peft=None,
                hf_peft=[name, kwargs], warmup=0, steps=1, batch_size=2, seq_len=16, vocab_size=101, threads=1, seed=0,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import checkpoint
+import hf_gpt2
 import peft
 from errors import UserError
 from model import GPT, GPTConfig
@@ -80,14 +81,14 @@ def test_broken_and_foreign_files_are_clear_errors(tmp_path):
 
 def test_adapter_on_a_different_base_is_refused(tmp_path):
     base_dir = tmp_path / "base"
-    tiny(seed=0).save_hf(str(base_dir))
-    base = GPT.from_pretrained(str(base_dir))
+    hf_gpt2.save(tiny(seed=0), str(base_dir))
+    base = hf_gpt2.load(str(base_dir))
     fp = checkpoint.fingerprint(base)
     model = peft.inject(base, peft.PeftConfig(method="lora", r=2, targets=("c_attn",)))
     save_run(tmp_path, model, init_from=str(base_dir), fp=fp)
     loaded, meta = checkpoint.load_model(str(tmp_path))  # same base: fine
     assert meta["base"]["fingerprint"] == fp
-    tiny(seed=1).save_hf(str(base_dir))  # the base folder now holds other weights
+    hf_gpt2.save(tiny(seed=1), str(base_dir))  # the base folder now holds other weights
     with pytest.raises(UserError, match="different weights"):
         checkpoint.load_model(str(tmp_path))
 

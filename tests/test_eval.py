@@ -15,7 +15,7 @@ import checkpoint
 import eval as ev
 import tokenizer
 from errors import UserError
-from model import GPT
+import hf_gpt2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "eval")
@@ -31,7 +31,7 @@ def hf(base_bpe):
 
 @pytest.fixture(scope="module")
 def ours(base_bpe):
-    return GPT.from_pretrained(base_bpe).eval()
+    return hf_gpt2.load(base_bpe).eval()
 
 
 def run(*args, env=None):

@@ -136,14 +136,14 @@ def hf_adapter(model, model_dir):
 
 def test_inject_merge_and_hf_peft_equality(tiny_gpt2, tmp_path):
     from hf_peft_helpers import run_hf_peft, save_adapter
-    from model import GPT
+    import hf_gpt2
     from peft import adapter_layers, inject, merge
     torch.manual_seed(1)
     idx = torch.randint(0, 101, (2, 11))
     cases = {"c_attn_mlp": ("c_attn", "mlp.c_proj"), "paper_default": None}  # None: k, v, mlp.c_proj
     ours, folders = {}, []
     for i, (tag, targets) in enumerate(cases.items()):
-        model = inject(GPT.from_pretrained(tiny_gpt2).eval(), make_cfg(targets=targets))
+        model = inject(hf_gpt2.load(tiny_gpt2).eval(), make_cfg(targets=targets))
         torch.manual_seed(10 + i)
         with torch.no_grad():
             for p in model.parameters():

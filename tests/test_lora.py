@@ -278,7 +278,7 @@ def lora_plus_runs(tmp_path_factory):
     import subprocess
 
     from hf_peft_helpers import HF_PREAMBLE, REPO, randomize_adapters, save_adapter, write_tiny_gpt2
-    from model import GPT
+    import hf_gpt2
     from peft.hf import to_hf_peft
 
     tmp = tmp_path_factory.mktemp("lora_plus")
@@ -288,7 +288,7 @@ def lora_plus_runs(tmp_path_factory):
     job = {"base": base, "idx": str(tmp / "idx.pt"), "lr": LR, "ratio": RATIO, "runs": []}
     ours = {}
     for method, weight_decay in LORA_PLUS_CASES.items():
-        model = GPT.from_pretrained(base)
+        model = hf_gpt2.load(base)
         peft.inject(model, peft.PeftConfig(method=method, r=4, alpha=8.0, targets=("c_attn", "mlp.c_fc"),
                                            lora_plus_ratio=RATIO))
         randomize_adapters(model, seed=1)  # B != 0, so A gets a gradient too

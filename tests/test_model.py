@@ -1,16 +1,16 @@
-"""Tests for model.py against transformers' GPT2LMHeadModel, on tiny random checkpoints."""
+"""Tests for model.py against transformers' GPT2LMHeadModel, on tiny random checkpoints (loaded with
+hf_gpt2.load; the folder I/O itself is tests/test_hf_gpt2.py's)."""
 
-import json
 import os
 import sys
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import hf_gpt2  # noqa: E402
 from errors import UserError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -65,7 +65,7 @@ def all_logits(model, idx):
 @pytest.mark.parametrize("variant", ["safetensors", "bin"])
 def test_logits_match_transformers(hf_folder, variant):
     hf, st, pt = hf_folder
-    model = GPT.from_pretrained(st if variant == "safetensors" else pt).eval()
+    model = hf_gpt2.load(st if variant == "safetensors" else pt).eval()
     assert model.config.block_size == BLOCK and model.config.vocab_size == VOCAB
     assert model.lm_head.weight is model.transformer.wte.weight
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -77,20 +77,6 @@ def test_logits_match_transformers(hf_folder, variant):
     last, loss = model(idx)
     assert loss is None and last.shape == (2, 1, VOCAB)
     torch.testing.assert_close(last, ref[:, [-1]], atol=1e-5, rtol=0)
-
-
-def test_loads_bf16_checkpoint_to_fp32_and_unprefixed_keys(hf_folder, tmp_path):
-    from safetensors.torch import save_file
-    hf, st, _ = hf_folder
-    (tmp_path / "config.json").write_text((st / "config.json").read_text())
-    sd = {k.removeprefix("transformer."): v.to(torch.bfloat16).contiguous()
-          for k, v in hf.state_dict().items() if k != "lm_head.weight"}
-    save_file(sd, tmp_path / "model.safetensors")
-    model = GPT.from_pretrained(tmp_path)
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-    w = model.transformer.h[0].attn.c_attn.weight
-    assert w.shape == (96, 32)
-    torch.testing.assert_close(w, hf.transformer.h[0].attn.c_attn.weight.t().to(torch.bfloat16).float())
 
 
 def test_loss_ignores_minus_one():
@@ -111,7 +97,7 @@ def test_loss_ignores_minus_one():
 
 def test_cached_forward_matches_uncached(hf_folder):
     hf, st, _ = hf_folder
-    model = GPT.from_pretrained(st).eval()
+    model = hf_gpt2.load(st).eval()
     torch.manual_seed(2)
     idx = torch.randint(0, VOCAB, (2, 40))
     full = all_logits(model, idx)  # (2, 40, V)
@@ -132,7 +118,7 @@ def test_cached_forward_matches_uncached(hf_folder):
 
 def test_generate_greedy_cache_equals_no_cache(hf_folder):
     hf, st, _ = hf_folder
-    model = GPT.from_pretrained(st).eval()
+    model = hf_gpt2.load(st).eval()
     torch.manual_seed(3)
     idx = torch.randint(0, VOCAB, (2, 10))
     # 70 new tokens: the context passes block_size (64), exercising the re-prefill fallback
@@ -148,7 +134,7 @@ def test_generate_greedy_cache_equals_no_cache(hf_folder):
 
 def test_generate_sampling_and_stop_token(hf_folder):
     _, st, _ = hf_folder
-    model = GPT.from_pretrained(st).eval()
+    model = hf_gpt2.load(st).eval()
     idx = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
     torch.manual_seed(5)
     out = model.generate(idx, 8, temperature=0.8, top_k=5, top_p=0.9)
@@ -170,7 +156,7 @@ def test_generate_sampling_and_stop_token(hf_folder):
 def test_generate_stop_sequences(hf_folder):
     """A row ends once its new tokens end with a stop sequence (a template's next turn), then pads."""
     _, st, _ = hf_folder
-    model = GPT.from_pretrained(st).eval()
+    model = hf_gpt2.load(st).eval()
     idx = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
     greedy = model.generate(idx, 10, temperature=0.0)
     seq = greedy[0, 7:9].tolist()  # new tokens 3 and 4 of row 0
@@ -189,75 +175,9 @@ def test_generate_stop_sequences(hf_folder):
         model.generate(idx, 2, stop_sequences=[seq])
 
 
-def test_save_hf_round_trip(tmp_path):
-    torch.manual_seed(6)
-    model = GPT(GPTConfig(block_size=48, vocab_size=150, n_layer=2, n_head=4, n_embd=32)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    folder = tmp_path / "export"
-    model.save_hf(folder)
-    assert sorted(os.listdir(folder)) == ["config.json", "generation_config.json", "model.safetensors"]
-    cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["model_type"] == "gpt2" and cfg["n_positions"] == 48 and cfg["activation_function"] == "gelu_new"
-    idx = torch.randint(0, 150, (2, 20))
-    ours = all_logits(model, idx)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
-    torch.testing.assert_close(hf_logits(hf, idx), ours, atol=1e-5, rtol=0)
-    again = GPT.from_pretrained(folder).eval()
-    torch.testing.assert_close(all_logits(again, idx), ours, atol=0, rtol=0)
-    # bf16 export loads back (to fp32) close to the original
-    model.save_hf(tmp_path / "bf16", dtype=torch.bfloat16)
-    low = GPT.from_pretrained(tmp_path / "bf16").eval()
-    assert low.transformer.wte.weight.dtype == torch.float32
-    torch.testing.assert_close(all_logits(low, idx), ours, atol=0.1, rtol=0.05)
-
-
-def test_save_hf_untied_lm_head(tmp_path):
-    """A merged lm_head adapter leaves lm_head different from wte: the export keeps both."""
-    torch.manual_seed(7)
-    model = GPT(GPTConfig(block_size=32, vocab_size=120, n_layer=2, n_head=2, n_embd=32)).eval()
-    new_head = nn.Linear(32, 120, bias=False)
-    with torch.no_grad():
-        new_head.weight.copy_(model.lm_head.weight + 0.05 * torch.randn_like(model.lm_head.weight))
-    model.lm_head = new_head
-    model.save_hf(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
-    idx = torch.randint(0, 120, (1, 9))
-    ours = all_logits(model, idx)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    torch.testing.assert_close(hf_logits(hf, idx), ours, atol=1e-5, rtol=0)
-    again = GPT.from_pretrained(tmp_path)
-    assert again.lm_head.weight is not again.transformer.wte.weight
-    torch.testing.assert_close(all_logits(again.eval(), idx), ours, atol=0, rtol=0)
-
-
-def test_save_hf_refuses_adapted_model(tmp_path):
-    class Wrapped(nn.Module):
-        def __init__(self, base):
-            super().__init__()
-            self.base = base
-
-        def forward(self, x):
-            return self.base(x)
-
-    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
-    model.transformer.h[0].attn.c_attn = Wrapped(model.transformer.h[0].attn.c_attn)
-    logits, _ = model(torch.zeros(1, 4, dtype=torch.long))  # the forward goes through the wrapper
-    assert logits.shape == (1, 1, 50)
-    with pytest.raises(UserError, match="merge adapters first"):
-        model.save_hf(tmp_path / "x")
-    assert not (tmp_path / "x").exists()
-
-
-def test_bad_inputs(tmp_path, hf_folder, monkeypatch):
-    with pytest.raises(UserError, match="no model folder"):
-        GPT.from_pretrained(tmp_path / "missing")
-    with pytest.raises(UserError, match="config.json"):
-        GPT.from_pretrained(tmp_path)  # exists, but empty
+def test_bad_inputs(hf_folder):
     _, st, _ = hf_folder
-    model = GPT.from_pretrained(st).eval()
+    model = hf_gpt2.load(st).eval()
     with pytest.raises(UserError, match=f"prompt is {BLOCK + 1} tokens.*context is {BLOCK}"):
         model.generate(torch.zeros(1, BLOCK + 1, dtype=torch.long), 1)
     with pytest.raises(UserError, match="context"):
@@ -266,17 +186,6 @@ def test_bad_inputs(tmp_path, hf_folder, monkeypatch):
     model(torch.zeros(1, BLOCK - 2, dtype=torch.long), kv_cache=cache)
     with pytest.raises(UserError, match="context"):
         model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
-
-    # the Hub path: offline here, so the download fails and must become a UserError
-    import huggingface_hub
-
-    def offline(*args, **kwargs):
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    monkeypatch.chdir(tmp_path)  # so a stray ./gpt2 folder cannot be picked up
-    with pytest.raises(UserError, match="cannot reach the Hugging Face Hub.*local"):
-        GPT.from_pretrained("gpt2")
 
 
 def test_configure_optimizers_and_counts(capsys):
@@ -302,7 +211,7 @@ def test_configure_optimizers_and_counts(capsys):
 
 def test_crop_block_size(hf_folder):
     hf, st, _ = hf_folder
-    model = GPT.from_pretrained(st).eval()
+    model = hf_gpt2.load(st).eval()
     idx = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(8))
     before = all_logits(model, idx)
     model.crop_block_size(24)

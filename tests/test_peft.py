@@ -367,3 +367,95 @@ def test_hf_peft_builds_every_counterpart(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, root, str(job)], cwd=root, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+NEW_METHOD = '''"""BitFit-style bias tuning, a method defined by tests/test_peft.py to prove that a new method is one
+file plus one registry line: y = x Wᵀ + (b + δ), δ [out] starts at 0."""
+
+import torch
+import torch.nn as nn
+
+from errors import UserError
+from peft.quant import dequantize, make_linear
+
+
+class BiasLinear(nn.Module):
+    """y = base(x) + δ. Owns the frozen base."""
+
+    name = "biasfit"
+    title = "BiasFit"
+    default_targets = ("c_attn",)
+    all_targets = "lora4"
+    config_fields = ("targets", "base_dtype")
+    supports_quantize = False
+    lora_plus_params = ()
+    hf_peft_type = None
+    no_hf_reason = "HF PEFT has no bias-only method, so the bias change is merged into the weights"
+    bench_goal_vs_lora = None
+
+    @classmethod
+    def hf_peft_counterpart(cls, cfg):
+        return None, cls.no_hf_reason, None
+
+    def __init__(self, base, cfg, slices=None):
+        super().__init__()
+        if slices:
+            raise UserError("biasfit adapts whole layers, not q/k/v slices")
+        self.base = base
+        self.bias_delta = nn.Parameter(torch.zeros(base.out_features, device=base.weight.device))  # [out]
+
+    def forward(self, x):
+        return self.base(x) + self.bias_delta
+
+    @torch.no_grad()
+    def merge(self):
+        bias = self.bias_delta if self.base.bias is None else self.base.bias.float() + self.bias_delta
+        return make_linear(dequantize(self.base), bias)
+'''
+
+
+def test_a_new_method_is_one_file_and_one_registry_line(tmp_path, base, data):
+    """Copy the repo, add peft/biasfit.py and its line in peft.METHODS (with its import), change
+    nothing else, and run the new method through every script a user would: train.py, sample.py,
+    push_to_hub.py --dry_run, compare.py --dry_run and bench.py's argument checks."""
+    import shutil
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = tmp_path / "repo"
+    skip = shutil.ignore_patterns(".git", ".venv", "__pycache__", "out-*", "assets", "*.bin", ".pytest_cache")
+    shutil.copytree(root, repo, ignore=skip)
+    (repo / "peft" / "biasfit.py").write_text(NEW_METHOD)
+    init = (repo / "peft" / "__init__.py").read_text()
+    assert init.count("    IA3Linear,") == 1
+    init = init.replace("    IA3Linear,", "    IA3Linear,\n    BiasLinear,", 1)  # the registry line ...
+    init = init.replace("from peft.ia3 import", "from peft.biasfit import BiasLinear\nfrom peft.ia3 import", 1)  # ... and its import
+    (repo / "peft" / "__init__.py").write_text(init)
+
+    def run(*args):
+        p = subprocess.run([sys.executable, *args], cwd=repo, capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert p.returncode == 0, f"{args[0]}: {p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+        return p
+
+    out = tmp_path / "out"
+    train = [f"--init_from={base}", f"--dataset={data}", "--batch_size=2", "--block_size=16", "--max_iters=4",
+             "--eval_interval=4", "--eval_iters=1", "--warmup_iters=1", "--lr_decay_iters=4", "--device=cpu",
+             "--compile=false", "--method=biasfit"]
+    p = run("train.py", *train, f"--out_dir={out}")
+    assert "biasfit" in p.stdout
+    run("sample.py", f"--out_dir={out}", "--max_new_tokens=4", "--num_samples=1", "--start=a", "--device=cpu")
+    p = run("push_to_hub.py", f"--out_dir={out}", "--repo_id=someone/tiny-biasfit", "--dry_run=true",
+            f"--save_dir={tmp_path / 'export'}")
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "BiasFit" in card and "HF PEFT has no bias-only method" in card  # the card reads the class
+    (tmp_path / "train_tiny.py").write_text(f"init_from = {base!r}\ndataset = {data!r}\ndevice = 'cpu'\n"
+                                            f"compile = False\nbatch_size = 2\nblock_size = 16\n")
+    (tmp_path / "grid.py").write_text(f"base_config = {str(tmp_path / 'train_tiny.py')!r}\ncommon = dict(max_iters=4)\n"
+                                      f"runs = [('bias', dict(method='biasfit')), "
+                                      f"('bias-all', dict(method='biasfit', targets=('all',), learning_rate=(1e-3, 1e-2)))]\n")
+    p = run("compare.py", str(tmp_path / "grid.py"), f"--out_dir={tmp_path / 'grid'}", "--dry_run=true")
+    assert p.stdout.count("--method=biasfit") == 3, p.stdout
+    # bench.py: every key's rule passes (the method's too), then a check after them stops it before any work
+    p = subprocess.run([sys.executable, "bench.py", "--method=biasfit", "--seq_len=64", "--block_size=32"], cwd=repo,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and p.stderr.startswith("error: seq_len=64 is longer than block_size=32"), p.stderr
