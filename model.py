@@ -22,6 +22,17 @@ from torch.nn import functional as F
 
 from errors import UserError
 
+# Peak dense (no sparsity) bf16 tensor-core FLOP/s by GPU, from the vendors' data sheets: MFU's denominator.
+# Looked up by the first key contained in torch.cuda.get_device_name() (so the variants come first).
+GPU_PEAK_BF16_FLOPS = {"H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "H200 NVL": 835.5e12, "H100": 989.4e12,
+                       "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "A10": 125e12,
+                       "V100": 125e12, "T4": 65e12}
+
+
+def gpu_peak_flops(name):
+    """Peak dense bf16 FLOP/s of the GPU called `name` (torch.cuda.get_device_name()); None if unknown."""
+    return next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in name), None)
+
 
 @dataclass
 class GPTConfig:
@@ -342,15 +353,18 @@ class GPT(nn.Module):
         print(f"using fused AdamW: {use_fused}")
         return optimizer
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
-        """Model flops utilization: achieved flops / peak_flops (flops per second of the device).
-        Flops per token ≈ 6N + 12·L·H·Q·T (PaLM appendix B), N = all parameters; with frozen
-        weights the backward is cheaper, so for PEFT this counts flops a full fine-tune would do."""
+    def flops_per_token(self, seq_len=None):
+        """Training flops (forward + backward) per token of a seq_len-token sequence (default block_size):
+        ≈ 6N + 12·L·H·Q·T (PaLM appendix B), N = all parameters; with frozen weights the backward is
+        cheaper, so for PEFT this counts the flops a full fine-tune would do."""
         N = self.get_num_params()
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        flops_per_token = 6 * N + 12 * L * H * Q * T
-        flops_per_fwdbwd = flops_per_token * T
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, seq_len or cfg.block_size
+        return 6 * N + 12 * L * H * Q * T
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+        """Model flops utilization: achieved flops / peak_flops (flops per second of the device)."""
+        flops_per_fwdbwd = self.flops_per_token() * self.config.block_size
         flops_per_iter = flops_per_fwdbwd * fwdbwd_per_iter
         flops_achieved = flops_per_iter / dt  # per second
         return flops_achieved / peak_flops

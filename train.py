@@ -34,6 +34,7 @@ import instruct
 import outputs
 import peft
 from errors import UserError
+from model import gpu_peak_flops
 from shards import check_same_preparation, read_shard
 from tokenizer import EOT  # an UPPER_CASE constant: never a config key (configurator.is_key)
 
@@ -375,9 +376,7 @@ def device_peak_flops():
     if peak_flops:
         return peak_flops
     if device_type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "A10": 125e12, "V100": 125e12, "T4": 65e12}
-        peak = next((v for k, v in table.items() if k in name), None)
+        peak = gpu_peak_flops(torch.cuda.get_device_name(device))  # bf16; None for a GPU not in the table
         if peak is not None and dtype == "float32":
             peak /= 2  # TF32 runs at half the bf16 rate on these parts
         return peak

@@ -11,8 +11,9 @@ Every method is one layer class (METHODS below) that owns the frozen base Linear
 computes the adapted layer in forward(x) and folds itself into one nn.Linear in merge(). Its class
 attributes are all the repo knows about the method: name (the registry key), title, default_targets,
 all_targets, config_fields, supports_quantize, lora_plus_params, hf_peft_type / no_hf_reason (its
-Hugging Face PEFT form, peft/hf.py), bench_goal_vs_lora. A new method is one new file plus one line
-in METHODS.
+Hugging Face PEFT form, peft/hf.py), and for bench.py the classmethod hf_peft_counterpart(cfg) (what
+HF peft runs as the same adapter) and bench_goal_vs_lora (its step time relative to BENCH_REFERENCE's).
+A new method is one new file plus one line in METHODS.
 Adapter tensors are named after the wrapped module, e.g. for LoRA on c_attn
     transformer.h.0.attn.c_attn.lora_A, transformer.h.0.attn.c_attn.lora_B
 (the frozen base is transformer.h.0.attn.c_attn.base.weight, not part of the adapter).
@@ -44,6 +45,7 @@ METHODS = {"full": None} | {cls.name: cls for cls in (  # "full": fine-tune ever
     ETHERPlusHHLinear,  # ETHER+, both sides of the weight
     IA3Linear,          # Liu et al. 2022, learned scaling of activations
 )}
+BENCH_REFERENCE = "lora"  # bench.py's step-time goals (the classes' bench_goal_vs_lora) are relative to it
 
 
 def adapter_layers(model):

@@ -199,6 +199,14 @@ class PeftConfig:
                     out.append(t)
         return tuple(out)
 
+    def hf_targets(self):
+        """(the whole modules HF peft adapts for these targets, a note or None): HF adapts whole modules
+        only, so the q/k/v slices of c_attn become the whole c_attn (the layers' hf_peft_counterpart)."""
+        ours = self.resolved_targets()
+        whole = list(dict.fromkeys("c_attn" if t in ("q", "k", "v") else t for t in ours))
+        note = None if list(ours) == whole else f"HF adapts the whole {', '.join(whole)} (ours: {', '.join(ours)})"
+        return whole, note
+
     def scale(self):
         """s of the LoRA family: alpha / r, or alpha / sqrt(r) for rsLoRA."""
         return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)

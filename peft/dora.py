@@ -50,6 +50,12 @@ class DoRALinear(LoRALinear):
     supports_quantize = True
     lora_plus_params = ("lora_B", "lora_magnitude")  # LoRA+: m goes with B, as in HF peft
 
+    @classmethod
+    def hf_peft_counterpart(cls, cfg):
+        """HF peft's LoRA with use_dora=True (see LoRALinear.hf_peft_counterpart)."""
+        name, kwargs, note = super().hf_peft_counterpart(cfg)
+        return name, dict(kwargs, use_dora=True), note
+
     def __init__(self, base, cfg, slices=None):
         super().__init__(base, cfg, slices)
         with torch.no_grad():

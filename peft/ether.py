@@ -93,6 +93,11 @@ class ETHERLinear(nn.Module):
     vectors = ("u",)  # trainable vectors per block; ETHER+ has ("u", "v")
     two_sided = False  # H on both sides of W (etherplusHH), else on one side
 
+    @classmethod
+    def hf_peft_counterpart(cls, cfg):
+        """(None, why, None): bench.py has nothing to measure ETHER, ETHER+ or ETHER+HH against."""
+        return None, f"{cls.title} is not in HF peft", None
+
     def __init__(self, base, cfg, slices=None):
         super().__init__()
         self.base = base

@@ -53,6 +53,14 @@ class IA3Linear(nn.Module):
     supports_quantize = True
     config_fields = ("targets", "base_dtype")  # the PeftConfig fields IA3 reads (no dropout, as in the paper and HF peft)
 
+    @classmethod
+    def hf_peft_counterpart(cls, cfg):
+        """(HF peft config class name, kwargs, note or None) for bench.py: HF's IA3 on the same (whole)
+        modules, with input scaling where ours has it (mlp.c_proj narrows), output scaling elsewhere."""
+        whole, note = cfg.hf_targets()
+        return "IA3Config", dict(target_modules=whole, feedforward_modules=[t for t in whole if t == "mlp.c_proj"],
+                                 fan_in_fan_out=True, task_type="CAUSAL_LM"), note
+
     def __init__(self, base, cfg, slices=None, feedforward=None):
         super().__init__()
         self.base = base

@@ -79,6 +79,18 @@ class LoRALinear(nn.Module):
                      "lora_plus_ratio")  # the PeftConfig fields this method reads
     lora_plus_params = ("lora_B",)  # LoRA+: these train at lora_plus_ratio × the learning rate
     factors = None  # OLoRA / PiSSA: a function (W [out, in], r, s) -> (A₀ [r, in], B₀ [out, r])
+    hf_init = None  # OLoRA / PiSSA: HF peft's init_lora_weights for the same start
+
+    @classmethod
+    def hf_peft_counterpart(cls, cfg):
+        """(HF peft config class name, kwargs, note or None): the same adapter in HF peft, which bench.py
+        measures against ours. HF's LoRA on the same (whole) modules, with r, alpha, dropout, rsLoRA
+        and init as ours; fan_in_fan_out because GPT-2's layers are transformers Conv1D."""
+        whole, note = cfg.hf_targets()
+        init = cls.hf_init or (True if cfg.init == "kaiming" else "gaussian")
+        return "LoraConfig", dict(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=whole,
+                                  fan_in_fan_out=True, use_rslora=cfg.use_rslora, use_dora=False,
+                                  init_lora_weights=init, bias="none", task_type="CAUSAL_LM"), note
 
     @classmethod
     def title_for(cls, cfg):
@@ -211,6 +223,7 @@ class OLoRALinear(LoRALinear):
     config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype",
                      "lora_plus_ratio")  # as LoRA, but A, B come from a QR: no init
     factors = staticmethod(olora_factors)
+    hf_init = "olora"
 
 
 class PiSSALinear(LoRALinear):
@@ -223,3 +236,4 @@ class PiSSALinear(LoRALinear):
     config_fields = ("r", "alpha", "dropout", "use_rslora", "targets", "base_dtype",
                      "lora_plus_ratio")  # as LoRA, but A, B come from an SVD: no init
     factors = staticmethod(pissa_factors)
+    hf_init = "pissa"

@@ -70,6 +70,17 @@ class OFTLinear(nn.Module):
     supports_quantize = True
     config_fields = ("oft_block_size", "coft_eps", "block_share", "dropout", "targets", "base_dtype")  # the PeftConfig fields this method reads
 
+    @classmethod
+    def hf_peft_counterpart(cls, cfg):
+        """(HF peft config class name, kwargs, note or None) for bench.py: HF's OFT with the exact Cayley
+        transform, like ours (HF's default is the Cayley-Neumann approximation), same blocks."""
+        whole, note = cfg.hf_targets()
+        kwargs = dict(r=0, oft_block_size=cfg.oft_block_size, target_modules=whole, module_dropout=cfg.dropout,
+                      block_share=cfg.block_share, use_cayley_neumann=False, fan_in_fan_out=True, task_type="CAUSAL_LM")
+        if cfg.coft_eps > 0:
+            kwargs.update(coft=True, eps=cfg.coft_eps)
+        return "OFTConfig", kwargs, note
+
     def __init__(self, base, cfg, slices=None):
         super().__init__()
         if slices is not None:

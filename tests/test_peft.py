@@ -3,7 +3,9 @@ merge == forward, gradients only on adapters, adapter save/load round trip, para
 and clear errors for bad settings."""
 
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -341,6 +343,51 @@ def test_every_method_describes_itself_on_its_layer_class():
         assert (cls.hf_peft_type is None) == isinstance(cls.no_hf_reason, str)
         assert cls.bench_goal_vs_lora is None or cls.bench_goal_vs_lora >= 1
     assert len({cls for cls in peft.METHODS.values()}) == len(peft.METHODS)  # one class per method
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_hf_peft_counterpart_is_well_formed(method):
+    """bench.py measures each method against its layer class's hf_peft_counterpart: (HF config class
+    name, JSON-able kwargs on whole modules, note) or (None, reason, None)."""
+    cls = peft.METHODS[method]
+    for targets in (("c_attn", "mlp.c_proj"), ("q", "v")):
+        name, kwargs, note = cls.hf_peft_counterpart(config(method, targets=targets))
+        if name is None:
+            assert isinstance(kwargs, str) and kwargs and note is None
+            continue
+        assert name in ("LoraConfig", "IA3Config", "OFTConfig"), name
+        assert json.loads(json.dumps(kwargs)) == kwargs  # it travels to bench_worker.py as JSON
+        assert kwargs["fan_in_fan_out"] is True and kwargs["task_type"] == "CAUSAL_LM"
+        if targets == ("q", "v"):  # HF adapts whole modules only
+            assert kwargs["target_modules"] == ["c_attn"] and "whole c_attn" in note
+        else:
+            assert kwargs["target_modules"] == ["c_attn", "mlp.c_proj"] and note is None
+
+
+def test_bench_goals_are_issue_13s():
+    goals = {m: cls.bench_goal_vs_lora for m, cls in peft.METHODS.items() if cls is not None}
+    assert goals == {"lora": None, "dora": 1.15, "olora": None, "pissa": None, "oft": 1.3, "ether": 1.1,
+                     "etherplus": 1.1, "etherplusHH": 1.2, "ia3": None}
+    assert peft.METHODS[peft.BENCH_REFERENCE].bench_goal_vs_lora is None
+
+
+def test_hf_peft_builds_every_counterpart(tmp_path):
+    """Hugging Face's peft accepts every counterpart's kwargs (in a process where `import peft` is HF's,
+    set up by bench_worker.use_side as bench.py's measurements are)."""
+    counterparts = {m: peft.METHODS[m].hf_peft_counterpart(config(m, targets=("c_attn",)))[:2]
+                    for m in ADAPTER_METHODS}
+    counterparts = {m: c for m, c in counterparts.items() if c[0] is not None}
+    assert {c[0] for c in counterparts.values()} == {"LoraConfig", "IA3Config", "OFTConfig"}
+    job = tmp_path / "counterparts.json"
+    job.write_text(json.dumps(counterparts))
+    script = ("import json, os, sys; repo = sys.argv[1]; sys.path.insert(0, repo); import bench_worker; "
+              "bench_worker.use_side(repo, 'hf'); import peft; "
+              "assert not os.path.abspath(peft.__file__).startswith(os.path.join(repo, 'peft')), peft.__file__; "
+              "[getattr(peft, name)(**kwargs) for name, kwargs in json.load(open(sys.argv[2])).values()]; print('ok')")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script, root, str(job)], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 NEW_METHOD = '''"""BitFit-style bias tuning, a method defined by tests/test_peft.py to prove that a new method is one
