@@ -176,7 +176,7 @@ def main(repo, job_path):
         model = build_ours(job["peft"], job["merge"])
 
         def loss_of(m):
-            return m(x, y)[1]
+            return m(x, y, return_logits=False)[1]  # train.py's call: the loss without the logits
     else:
         model = GPT2LMHeadModel.from_pretrained(job["base_dir"], dtype=torch.float32, attn_implementation="sdpa")
         result["attn_implementation"] = model.config._attn_implementation
