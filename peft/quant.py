@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from devices import TORCH_DTYPES
 
 
 class CastLinear(nn.Linear):
@@ -31,7 +31,7 @@ class CastLinear(nn.Linear):
 
 def freeze_linear(linear, cfg):
     """The frozen base for `linear` as cfg.quantize / cfg.base_dtype ask (the linear itself if neither)."""
-    dtype = DTYPES[cfg.base_dtype or "float32"]
+    dtype = TORCH_DTYPES[cfg.base_dtype or "float32"]
     if cfg.quantize == "nf4":
         import bitsandbytes as bnb
         w = linear.weight.detach()
