@@ -38,7 +38,7 @@ bench_report.py prints the tables and decides the goals. In short:
 --device=cuda follows issue #13's protocol: its defaults become batch 16 x 1024, 4 warmup + 10 timed
 steps (CUDA_DEFAULTS; what you set on the command line wins), every train step runs under bf16 autocast,
 and the CPU's bf16 settings (bf16_warmup, bf16_steps, bf16_max_s) do not apply.
-MFU = tokens/s x GPT.flops_per_token(seq_len) / the GPU's peak dense bf16 FLOP/s (model.GPU_PEAK_BF16_FLOPS;
+MFU = tokens/s x GPT.flops_per_token(seq_len) / the GPU's peak dense bf16 FLOP/s (devices.GPU_PEAK_BF16_FLOPS;
 an unknown GPU gets no MFU). --compile=true wraps both models in torch.compile, ours with fullgraph=True
 (a graph break is reported, and the step compiled with breaks instead). The goals are issue #13's: with
 compile, full >= 1.3x transformers' tokens/s, LoRA >= 1.5x HF peft's and peak memory <= 0.8x theirs
@@ -74,7 +74,8 @@ import outputs
 import peft
 from errors import UserError
 from peft.config import TRAIN_KEYS
-from model import GPT, GPTConfig, gpu_peak_flops
+from devices import gpu_peak_flops
+from model import GPT, GPTConfig
 
 errors.install()
 
@@ -341,7 +342,7 @@ if __name__ == "__main__":
         peak = info["gpu_peak_bf16_flops"]
         print(f"GPU: {info['gpu']} (CUDA {info['cuda']}); "
               + (f"MFU against its peak dense bf16 {peak / 1e12:.1f} TFLOP/s" if peak else
-                 "MFU omitted: this GPU is not in model.GPU_PEAK_BF16_FLOPS"))
+                 "MFU omitted: this GPU is not in devices.GPU_PEAK_BF16_FLOPS"))
     elif info["load_average"] and info["load_average"][0] > 0.5 * (info["cores"] or 1):
         print(f"warning: the machine is busy (load average {info['load_average'][0]:.1f} over {info['cores']} "
               f"cores): the timings will be noisy and slow")
@@ -384,7 +385,7 @@ if __name__ == "__main__":
         print("\nnote: this CPU has no bf16 matmul instructions (avx512_bf16 / amx_bf16): bf16 matmuls are "
               "emulated and far slower than fp32, so the bf16 goals (which assume hardware bf16) cannot be met here.")
     if CUDA and not peak:
-        print(f"\nnote: no MFU: the peak bf16 FLOP/s of '{info['gpu']}' is not in model.GPU_PEAK_BF16_FLOPS")
+        print(f"\nnote: no MFU: the peak bf16 FLOP/s of '{info['gpu']}' is not in devices.GPU_PEAK_BF16_FLOPS")
     if any(res.get("peak_exact") is False for res in run.results):
         print("note: this system refused to reset the RSS high-water mark: some peaks are whole-process "
               "ru_maxrss (loading transients included)")

@@ -22,18 +22,6 @@ from torch.nn import functional as F
 
 from errors import UserError
 
-# Peak dense (no sparsity) bf16 tensor-core FLOP/s by GPU, from the vendors' data sheets: MFU's denominator.
-# Looked up by the first key contained in torch.cuda.get_device_name() (so the variants come first).
-GPU_PEAK_BF16_FLOPS = {"H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "H200 NVL": 835.5e12, "H100": 989.4e12,
-                       "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "A10": 125e12,
-                       "V100": 125e12, "T4": 65e12}
-
-
-def gpu_peak_flops(name):
-    """Peak dense bf16 FLOP/s of the GPU called `name` (torch.cuda.get_device_name()); None if unknown."""
-    return next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in name), None)
-
-
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # maximum context length (transformers: n_positions)

@@ -34,7 +34,6 @@ import instruct
 import outputs
 import peft
 from errors import UserError
-from model import gpu_peak_flops
 from shards import check_same_preparation, read_shard
 from tokenizer import EOT  # an UPPER_CASE constant: never a config key (configurator.is_key)
 
@@ -158,7 +157,6 @@ if master_process:
 
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-ptdtype = devices.TORCH_DTYPES[dtype]
 ctx = devices.autocast(device, dtype)  # float32: nothing; else torch.autocast to dtype
 
 # data: uint16 token shards. Plain text: a batch is batch_size random windows of block_size + 1 tokens.
@@ -371,26 +369,6 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def device_peak_flops():
-    """Peak dense matmul FLOP/s of this device in the training dtype, for MFU."""
-    if peak_flops:
-        return peak_flops
-    if device_type == "cuda":
-        peak = gpu_peak_flops(torch.cuda.get_device_name(device))  # bf16; None for a GPU not in the table
-        if peak is not None and dtype == "float32":
-            peak /= 2  # TF32 runs at half the bf16 rate on these parts
-        return peak
-    if device_type == "cpu":  # no table can know a CPU: measure a large matmul once
-        a = torch.randn(1024, 1024, dtype=ptdtype)
-        for _ in range(2):
-            a @ a
-        t0 = time.perf_counter()
-        for _ in range(8):
-            a @ a
-        return 8 * 2 * 1024**3 / (time.perf_counter() - t0)
-    return None
-
-
 def save_checkpoint():
     # the loss is looked at on log and eval steps only: weights that became nan/inf since then (a stop
     # by signal saves between log steps) must never replace the last good checkpoint
@@ -460,7 +438,7 @@ for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda signum, frame: stop_signal.append(signum))  # stop after this iteration
 
 # training loop
-peak = device_peak_flops()
+peak = peak_flops or devices.peak_flops(device, dtype)  # MFU's denominator
 X, Y = get_batch("train", iter_num, ddp_rank * accum_per_rank)
 t_start = t0 = time.time()
 iter_start, running_mfu = iter_num, -1.0
