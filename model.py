@@ -309,6 +309,17 @@ class GPT(nn.Module):
             loss = None
         return logits, loss
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=0.0):
+        """nanoGPT's entry point: hf_gpt2.load (a gpt2* name or a transformers GPT-2 folder, in fp32)."""
+        import hf_gpt2  # here: hf_gpt2 imports this module
+        return hf_gpt2.load(name_or_path, dropout=dropout)
+
+    def save_hf(self, folder, dtype=torch.float32):
+        """hf_gpt2.save: this model as a transformers GPT-2 folder."""
+        import hf_gpt2
+        hf_gpt2.save(self, folder, dtype=dtype)
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lr_scales=None):
         """AdamW over the trainable parameters: matrices and embeddings (>= 2-D) get weight decay,
         biases, LayerNorm gains and other vectors do not. Fused kernel on CUDA.

@@ -119,3 +119,13 @@ def test_bad_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # so a stray ./gpt2 folder cannot be picked up
     with pytest.raises(UserError, match="cannot reach the Hugging Face Hub.*local"):
         hf_gpt2.load("gpt2")
+
+
+def test_nanogpt_entry_points_are_hf_gpt2s(tmp_path):
+    """GPT.from_pretrained / GPT.save_hf (nanoGPT's names, kept for user code) are hf_gpt2.load / save."""
+    torch.manual_seed(7)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).eval()
+    model.save_hf(tmp_path / "m")
+    idx = torch.randint(0, 50, (1, 8))
+    torch.testing.assert_close(all_logits(GPT.from_pretrained(str(tmp_path / "m")).eval(), idx), all_logits(model, idx),
+                               atol=0, rtol=0)
