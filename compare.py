@@ -2,7 +2,7 @@
 Compare fine-tuning methods: one command trains a grid of methods on the same data, seed, token
 budget and learning-rate schedule, then writes the results table and draws the figures (plots.py).
 
-    python compare.py config/compare_default.py                      # the offline default, ~20-25 min on 2 CPU cores
+    python compare.py config/compare_default.py                      # the offline default, ~15 min on 2 CPU cores
     python compare.py config/compare_default.py --assets_dir=assets  # also put the figures in assets/ (README)
     python compare.py config/compare_default.py --plot_only=true     # redraw from results.json
     python compare.py config/compare_default.py --dry_run=true       # check the grid, print the commands

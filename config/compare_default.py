@@ -1,6 +1,6 @@
 # The offline default comparison: 14 fine-tuning methods on the bundled Milton base and Shakespeare,
-# the same data, seed, token budget and schedule for all. About 20-25 minutes on 2 quiet CPU
-# cores (estimated: ~95 s per run at ~1,400 tokens/s, evals and start-up included).
+# the same data, seed, token budget and schedule for all. 14 minutes on 2 quiet CPU cores of an
+# AMD EPYC Zen 4 (measured 2026-11-27: about a minute per run, evals and start-up included).
 #   python data/shakespeare/prepare.py
 #   python compare.py config/compare_default.py --assets_dir=assets
 # Every run: 100 iters x 8 x 128 = 102,400 tokens (about a third of Shakespeare's ~290k training
