@@ -1,6 +1,6 @@
 """Shared test set-up: the repo root on sys.path, a deterministic CPU torch, the fixtures (tiny
 transformers GPT-2 folders, token shards) and the small model builders the peft tests share
-(tiny_gpt, randomize, batch, linear: import them with `from conftest import ...`)."""
+(tiny_gpt, randomize, batch, linear, all_logits, hf_logits: import them with `from conftest import ...`)."""
 import os
 import sys
 
@@ -43,6 +43,19 @@ def batch(seed=2, B=2, T=16):
     """(inputs, targets), each (B, T) token ids below PEFT_VOCAB."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, PEFT_VOCAB, (B, T), generator=g), torch.randint(0, PEFT_VOCAB, (B, T), generator=g)
+
+
+def all_logits(model, idx):
+    """Logits of every position of our GPT: pass dummy targets (forward without targets returns the last only)."""
+    with torch.no_grad():
+        logits, _ = model(idx, targets=torch.zeros_like(idx))
+    return logits  # (B, T, V)
+
+
+def hf_logits(hf, idx):
+    """Logits of every position of a transformers GPT2LMHeadModel."""
+    with torch.no_grad():
+        return hf(idx).logits  # (B, T, V)
 
 
 def linear(in_features=48, out_features=40, seed=0):

@@ -55,15 +55,6 @@ def write_tiny_gpt2(folder, seed=0, n_layer=2, n_head=2, n_embd=32, vocab_size=1
     return folder
 
 
-@torch.no_grad()
-def randomize_adapters(model, seed=0, std=0.1):
-    """Move every trainable (adapter) parameter away from its init, so tests see non-trivial adapters."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(std * torch.randn(p.shape, generator=g).to(p))
-
-
 def save_adapter(folder, config, tensors):
     """Write an HF PEFT adapter folder from (adapter_config dict, {key: tensor})."""
     from safetensors.torch import save_file

@@ -11,20 +11,9 @@ import torch.nn as nn
 import hf_gpt2
 from errors import UserError
 from model import GPT, GPTConfig
+from conftest import all_logits, hf_logits
 
 transformers = pytest.importorskip("transformers")
-
-
-def hf_logits(hf, idx):
-    with torch.no_grad():
-        return hf(idx).logits  # (B, T, V)
-
-
-def all_logits(model, idx):
-    """Logits of every position: pass dummy targets (forward without targets returns the last only)."""
-    with torch.no_grad():
-        logits, _ = model(idx, targets=torch.zeros_like(idx))
-    return logits
 
 
 def test_loads_bf16_checkpoint_to_fp32_and_unprefixed_keys(base, tmp_path):

@@ -16,7 +16,8 @@ import checkpoint  # noqa: E402
 import hf_gpt2  # noqa: E402
 import peft  # noqa: E402
 from errors import UserError  # noqa: E402
-from hf_peft_helpers import randomize_adapters, run_hf_peft, save_adapter, write_tiny_gpt2  # noqa: E402
+from conftest import randomize  # noqa: E402
+from hf_peft_helpers import run_hf_peft, save_adapter, write_tiny_gpt2  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from peft.hf import load_hf_peft, no_hf_reason, to_hf_peft, write_hf_peft  # noqa: E402
 
@@ -51,7 +52,7 @@ def compared(tmp_path_factory):
     for name, kw in CASES.items():
         model = hf_gpt2.load(base)
         peft.inject(model, peft.PeftConfig(**kw))
-        randomize_adapters(model, seed=1)
+        randomize(model, seed=1)
         model.eval()
         with torch.no_grad():
             ours[name] = model(idx, targets=idx)[0]  # (B, T, V), every position

@@ -8,6 +8,7 @@ import torch.nn as nn
 from errors import UserError
 from peft.config import PeftConfig
 from peft.ia3 import IA3Linear
+from conftest import all_logits
 
 def make_cfg(**kw):
     kw.setdefault("method", "ia3")
@@ -111,12 +112,6 @@ def tiny_gpt2(tmp_path_factory):
     pytest.importorskip("transformers")
     from hf_peft_helpers import write_tiny_gpt2
     return write_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
-
-
-def all_logits(model, idx):
-    with torch.no_grad():
-        logits, _ = model(idx, targets=torch.zeros_like(idx))  # with targets: every position
-    return logits
 
 
 def hf_adapter(model, model_dir):

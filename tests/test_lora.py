@@ -277,7 +277,7 @@ def lora_plus_runs(tmp_path_factory):
     import json
     import subprocess
 
-    from hf_peft_helpers import HF_PREAMBLE, REPO, randomize_adapters, save_adapter, write_tiny_gpt2
+    from hf_peft_helpers import HF_PREAMBLE, REPO, save_adapter, write_tiny_gpt2
     import hf_gpt2
     from peft.hf import to_hf_peft
 
@@ -291,7 +291,7 @@ def lora_plus_runs(tmp_path_factory):
         model = hf_gpt2.load(base)
         peft.inject(model, peft.PeftConfig(method=method, r=4, alpha=8.0, targets=("c_attn", "mlp.c_fc"),
                                            lora_plus_ratio=RATIO))
-        randomize_adapters(model, seed=1)  # B != 0, so A gets a gradient too
+        randomize(model, seed=1)  # B != 0, so A gets a gradient too
         save_adapter(str(tmp / method), *to_hf_peft(model, base_model_name_or_path=base))
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         opt = model.configure_optimizers(weight_decay, LR, (0.9, 0.95), "cpu", peft.lr_scales(model))

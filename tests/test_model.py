@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hf_gpt2  # noqa: E402
 from errors import UserError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from conftest import all_logits, hf_logits  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,18 +49,6 @@ def hf_folder(tmp_path_factory):
     (pt / "config.json").write_text((st / "config.json").read_text())
     torch.save({k: v.clone() for k, v in hf.state_dict().items()}, pt / "pytorch_model.bin")
     return hf, st, pt
-
-
-def hf_logits(hf, idx):
-    with torch.no_grad():
-        return hf(idx).logits  # (B, T, V)
-
-
-def all_logits(model, idx):
-    """Logits of every position: pass dummy targets (forward without targets returns the last only)."""
-    with torch.no_grad():
-        logits, _ = model(idx, targets=torch.zeros_like(idx))
-    return logits
 
 
 @pytest.mark.parametrize("variant", ["safetensors", "bin"])
