@@ -294,7 +294,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         if kv_cache is not None:
             kv_cache.pos += T
-        if targets is not None and not return_logits and reduction == "mean" and type(self.lm_head) is nn.Linear:
+        if (targets is not None and not return_logits and reduction == "mean" and type(self.lm_head) is nn.Linear
+                and self.lm_head.bias is None):
             # training: the loss without the (B, T, V) logits (see linear_cross_entropy)
             logits = None
             loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
